@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+
+pub mod cloudevents;
+pub mod error;
+pub mod event;
+pub mod inbox;
+pub mod publish;
+pub mod publishers;
+pub mod relay;
+pub mod retry;
+pub mod source;
+
+pub use error::{BoxError, Disposition, InvalidEvent, PublishError, StoreError};
+pub use event::{Event, EventBuilder, EventId, Metadata, Payload};
+pub use inbox::{Inbox, Seen};
+pub use publish::{PublishRequest, PublishResult, Publisher};
+pub use relay::{BatchReport, Relay, RelayConfig, RelayMetrics};
+pub use retry::RetryPolicy;
+pub use source::{
+    ClaimRequest, ClaimSource, Claimed, ClaimedEvent, DeadLetter, DeadLetters, LeaseId,
+    OutboxStats, Purge, ReplaySelector, Settlements, Stats,
+};

@@ -1,0 +1,39 @@
+use std::io::Write;
+
+use crate::cloudevents;
+use crate::error::PublishError;
+use crate::publish::{fail_all, PublishRequest, PublishResult, Publisher, DEFAULT_SOURCE};
+
+/// Writes each event as one CloudEvent JSON line on standard output.
+#[derive(Debug, Clone)]
+pub struct StdoutPublisher {
+    source: String,
+}
+
+impl StdoutPublisher {
+    pub fn new(source: impl Into<String>) -> Self {
+        Self { source: source.into() }
+    }
+}
+
+impl Default for StdoutPublisher {
+    fn default() -> Self {
+        Self::new(DEFAULT_SOURCE)
+    }
+}
+
+impl Publisher for StdoutPublisher {
+    async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
+        let mut lines = String::new();
+        for event in request.events {
+            lines.push_str(&cloudevents::to_json(event, &self.source));
+            lines.push('\n');
+        }
+        let mut out = std::io::stdout().lock();
+        match out.write_all(lines.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => vec![Ok(()); request.events.len()],
+            // A closed pipe will not reopen by itself, but the operator may fix it.
+            Err(e) => fail_all(&request, PublishError::transient(format!("stdout: {e}"))),
+        }
+    }
+}
