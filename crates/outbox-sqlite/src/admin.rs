@@ -1,0 +1,100 @@
+//! The operator's side: monitoring, dead letters, retention.
+
+use chrono::{DateTime, Utc};
+use outbox_core::{DeadLetter, DeadLetters, OutboxStats, Purge, ReplaySelector, Stats, StoreError};
+
+use crate::error::map;
+use crate::source::{event_from_row, EVENT_COLUMNS};
+use crate::SqliteOutbox;
+
+/// Rows deleted per statement when purging, so writers are never locked out for long.
+const PURGE_CHUNK: i64 = 5_000;
+
+impl Stats for SqliteOutbox {
+    async fn stats(&self) -> Result<OutboxStats, StoreError> {
+        let (pending, published, dead, oldest): (i64, i64, i64, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending'),
+                    (SELECT count(*) FROM outbox WHERE status = 'published'),
+                    (SELECT count(*) FROM outbox WHERE status = 'dead'),
+                    (SELECT created_at FROM outbox WHERE status = 'pending' ORDER BY position LIMIT 1)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map)?;
+        Ok(OutboxStats {
+            pending: pending as u64,
+            published: published as u64,
+            dead: dead as u64,
+            oldest_pending_at: oldest.and_then(DateTime::from_timestamp_millis),
+        })
+    }
+}
+
+impl DeadLetters for SqliteOutbox {
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM outbox WHERE status = 'dead' ORDER BY position LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        rows.iter()
+            .map(|row| {
+                let (_, event, attempts) = event_from_row(row)?;
+                let last_error = sqlx::Row::try_get(row, "last_error").map_err(map)?;
+                Ok(DeadLetter { event, attempts, last_error })
+            })
+            .collect()
+    }
+
+    async fn replay(&self, which: ReplaySelector) -> Result<u64, StoreError> {
+        let now = Utc::now().timestamp_millis();
+        let ids = match &which {
+            ReplaySelector::All => None,
+            ReplaySelector::Ids(ids) => Some(
+                serde_json::to_string(&ids.iter().map(|id| id.to_string()).collect::<Vec<_>>())
+                    .map_err(|e| StoreError::Backend(Box::new(e)))?,
+            ),
+            _ => return Err(StoreError::Config("unsupported replay selector".into())),
+        };
+        let mut tx = self.begin().await?;
+        let replayed = sqlx::query(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?1, lease_id = NULL
+             WHERE status = 'dead' AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))",
+        )
+        .bind(now)
+        .bind(ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?
+        .rows_affected();
+        self.commit(tx).await?;
+        Ok(replayed)
+    }
+}
+
+impl Purge for SqliteOutbox {
+    async fn purge_published(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let cutoff = before.timestamp_millis();
+        let mut purged = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM outbox WHERE position IN (
+                    SELECT position FROM outbox
+                    WHERE status = 'published' AND published_at < ?1 LIMIT ?2)",
+            )
+            .bind(cutoff)
+            .bind(PURGE_CHUNK)
+            .execute(&self.pool)
+            .await
+            .map_err(map)?
+            .rows_affected();
+            purged += deleted;
+            if deleted < PURGE_CHUNK as u64 {
+                return Ok(purged);
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+#![doc = include_str!("../README.md")]
+
+mod admin;
+mod error;
+mod inbox;
+mod migrate;
+mod source;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use outbox_core::{Event, StoreError};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+use tokio::sync::Notify;
+
+pub use inbox::SqliteInbox;
+
+use crate::error::map;
+
+/// Largest payload accepted by default, in bytes. SQLite itself takes up to
+/// 1 GB; brokers take far less (EventBridge and SNS: 256 KiB a message).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// The outbox in a SQLite database: append events in your transaction,
+/// hand the same value to a [`outbox_core::Relay`] to publish them.
+#[derive(Debug, Clone)]
+pub struct SqliteOutbox {
+    pool: SqlitePool,
+    committed: Arc<Notify>,
+    max_payload_bytes: usize,
+}
+
+impl SqliteOutbox {
+    /// Opens (creating if missing) the database named by `url`:
+    /// `sqlite://FILE`, `sqlite:FILE` or a plain path, and applies the
+    /// outbox migrations.
+    ///
+    /// The database runs in WAL mode with `synchronous = NORMAL`: a crash of
+    /// the process loses nothing; a power cut may lose the last commits, but
+    /// business rows and their events always together.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        if path.is_empty() {
+            return Err(StoreError::Config(format!("`{url}` names no database file")));
+        }
+        Self::open(Path::new(path)).await
+    }
+
+    /// Opens (creating if missing) the database file at `path`.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(map)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(_) | sqlx::Error::Io(_) => StoreError::Config(format!(
+                    "cannot open SQLite database {}: {e}",
+                    path.display()
+                )),
+                e => map(e),
+            })?;
+        Self::from_pool(pool).await
+    }
+
+    /// Uses an existing pool (yours, shared with your business tables) and
+    /// applies the outbox migrations.
+    pub async fn from_pool(pool: SqlitePool) -> Result<Self, StoreError> {
+        migrate::run(&pool).await?;
+        Ok(Self { pool, committed: Arc::new(Notify::new()), max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES })
+    }
+
+    /// Refuses payloads larger than `bytes` at append time.
+    pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = bytes;
+        self
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Starts a write transaction (`BEGIN IMMEDIATE`, so it waits for the
+    /// write lock up front instead of failing when it first writes).
+    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)
+    }
+
+    /// Appends `events` inside the caller's transaction: they are stored if
+    /// and only if it commits.
+    ///
+    /// Every event is checked before the first is written. Appending a
+    /// version that the aggregate already has fails with
+    /// [`StoreError::Conflict`]; the transaction should then be rolled back.
+    pub async fn append(&self, conn: &mut SqliteConnection, events: &[Event]) -> Result<(), StoreError> {
+        for event in events {
+            event.validate()?;
+            let size = event.payload.as_str().len();
+            if size > self.max_payload_bytes {
+                return Err(StoreError::LimitExceeded {
+                    limit: "payload size in bytes",
+                    actual: size as u64,
+                    max: self.max_payload_bytes as u64,
+                });
+            }
+        }
+        let now = Utc::now().timestamp_millis();
+        for event in events {
+            sqlx::query(
+                "INSERT INTO outbox (id, aggregate_type, aggregate_id, aggregate_version, event_type,
+                    payload, occurred_at, traceparent, correlation_id, causation_id,
+                    next_attempt_at, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(event.id.to_string())
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            // validate() keeps versions within i64.
+            .bind(event.aggregate_version as i64)
+            .bind(&event.event_type)
+            .bind(event.payload.as_str())
+            .bind(source::format_time(&event.occurred_at))
+            .bind(&event.metadata.traceparent)
+            .bind(&event.metadata.correlation_id)
+            .bind(&event.metadata.causation_id)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(map)?;
+        }
+        Ok(())
+    }
+
+    /// Commits the caller's transaction and wakes the relays of this process
+    /// at once (others find the events at their next poll).
+    pub async fn commit(&self, tx: Transaction<'_, Sqlite>) -> Result<(), StoreError> {
+        tx.commit().await.map_err(map)?;
+        self.notify_committed();
+        Ok(())
+    }
+
+    /// Tells this process's relays that events were committed, for callers
+    /// that commit their transactions themselves.
+    pub fn notify_committed(&self) {
+        self.committed.notify_one();
+    }
+}

@@ -1,0 +1,200 @@
+//! The relay's side: claim due events, settle them.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use outbox_core::{
+    ClaimRequest, ClaimSource, Claimed, ClaimedEvent, Event, EventId, LeaseId, Metadata, Payload,
+    Settlements, StoreError,
+};
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+
+use crate::error::{corrupt, map};
+use crate::SqliteOutbox;
+
+pub(crate) fn format_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// The envelope columns, in the order [`event_from_row`] reads them.
+pub(crate) const EVENT_COLUMNS: &str = "position, id, aggregate_type, aggregate_id, aggregate_version, \
+     event_type, payload, occurred_at, traceparent, correlation_id, causation_id, attempts, last_error";
+
+pub(crate) fn event_from_row(row: &SqliteRow) -> Result<(i64, Event, u32), StoreError> {
+    let get_str = |col: &str| row.try_get::<String, _>(col).map_err(|e| corrupt(e));
+    let position: i64 = row.try_get("position").map_err(corrupt)?;
+    let id: EventId = get_str("id")?.parse().map_err(corrupt)?;
+    let version: i64 = row.try_get("aggregate_version").map_err(corrupt)?;
+    let occurred_at = DateTime::parse_from_rfc3339(&get_str("occurred_at")?)
+        .map_err(|e| corrupt(format!("occurred_at: {e}")))?
+        .with_timezone(&Utc);
+    let attempts: i64 = row.try_get("attempts").map_err(corrupt)?;
+    let event = Event {
+        id,
+        aggregate_type: get_str("aggregate_type")?,
+        aggregate_id: get_str("aggregate_id")?,
+        aggregate_version: u64::try_from(version).map_err(|_| corrupt("negative aggregate_version"))?,
+        event_type: get_str("event_type")?,
+        payload: Payload::from_json(get_str("payload")?).map_err(corrupt)?,
+        occurred_at,
+        metadata: Metadata {
+            traceparent: row.try_get("traceparent").map_err(corrupt)?,
+            correlation_id: row.try_get("correlation_id").map_err(corrupt)?,
+            causation_id: row.try_get("causation_id").map_err(corrupt)?,
+        },
+    };
+    Ok((position, event, u32::try_from(attempts).unwrap_or(u32::MAX)))
+}
+
+/// `[1,2,3]`: positions passed as one JSON parameter, read with `json_each`,
+/// so a batch of any size is one statement.
+fn json_positions(positions: &[i64]) -> String {
+    let mut s = String::with_capacity(positions.len() * 8 + 2);
+    s.push('[');
+    for (i, p) in positions.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{p}");
+    }
+    s.push(']');
+    s
+}
+
+fn json_failures<'a>(rows: impl Iterator<Item = (i64, Option<i64>, &'a str)>) -> String {
+    let rows: Vec<serde_json::Value> =
+        rows.map(|(p, at, err)| serde_json::json!([p, at, err])).collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl ClaimSource for SqliteOutbox {
+    /// The event's `position` in the outbox table.
+    type Receipt = i64;
+
+    async fn claim(&self, request: ClaimRequest) -> Result<Claimed<i64>, StoreError> {
+        let lease = LeaseId::new();
+        let now = Utc::now().timestamp_millis();
+        // One statement, so the claim is atomic. An event is claimable when it
+        // is due and no earlier pending event of its aggregate is held; taking
+        // the first `limit` such events in write order gives each aggregate a
+        // prefix of its queue.
+        let rows = sqlx::query(CLAIM)
+            .bind(now.saturating_add(millis(request.lease)))
+            .bind(lease.to_string())
+            .bind(now)
+            .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        let mut events = rows
+            .iter()
+            .map(|row| {
+                event_from_row(row).map(|(position, event, attempts)| ClaimedEvent {
+                    event,
+                    attempts,
+                    receipt: position,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // RETURNING gives no order; the relay needs write order.
+        events.sort_unstable_by_key(|c| c.receipt);
+        Ok(Claimed { lease, events })
+    }
+
+    async fn settle(&self, lease: LeaseId, s: Settlements<i64>) -> Result<u64, StoreError> {
+        if s.is_empty() {
+            return Ok(0);
+        }
+        let now = Utc::now().timestamp_millis();
+        let lease = lease.to_string();
+        let mut tx = self.begin().await?;
+        let mut applied = 0;
+        if !s.published.is_empty() {
+            applied += sqlx::query(
+                "UPDATE outbox SET status = 'published', published_at = ?1, lease_id = NULL
+                 WHERE lease_id = ?2 AND status = 'pending'
+                   AND position IN (SELECT value FROM json_each(?3))",
+            )
+            .bind(now)
+            .bind(&lease)
+            .bind(json_positions(&s.published))
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?
+            .rows_affected();
+        }
+        if !s.released.is_empty() {
+            applied += sqlx::query(
+                "UPDATE outbox SET next_attempt_at = ?1, lease_id = NULL
+                 WHERE lease_id = ?2 AND status = 'pending'
+                   AND position IN (SELECT value FROM json_each(?3))",
+            )
+            .bind(now)
+            .bind(&lease)
+            .bind(json_positions(&s.released))
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?
+            .rows_affected();
+        }
+        if !s.retry.is_empty() {
+            let rows = s.retry.iter().map(|(p, at, e)| (*p, Some(at.timestamp_millis()), e.as_str()));
+            applied += sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = f.at,
+                        last_error = f.err, lease_id = NULL
+                 FROM (SELECT value ->> 0 AS pos, value ->> 1 AS at, value ->> 2 AS err
+                       FROM json_each(?1)) AS f
+                 WHERE outbox.position = f.pos AND outbox.lease_id = ?2 AND outbox.status = 'pending'",
+            )
+            .bind(json_failures(rows))
+            .bind(&lease)
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?
+            .rows_affected();
+        }
+        if !s.dead.is_empty() {
+            let rows = s.dead.iter().map(|(p, e)| (*p, None, e.as_str()));
+            applied += sqlx::query(
+                "UPDATE outbox SET status = 'dead', attempts = attempts + 1,
+                        last_error = f.err, lease_id = NULL
+                 FROM (SELECT value ->> 0 AS pos, value ->> 2 AS err FROM json_each(?1)) AS f
+                 WHERE outbox.position = f.pos AND outbox.lease_id = ?2 AND outbox.status = 'pending'",
+            )
+            .bind(json_failures(rows))
+            .bind(&lease)
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(map)?;
+        Ok(applied)
+    }
+
+    async fn wait_for_events(&self, max_wait: Duration) {
+        let _ = tokio::time::timeout(max_wait, self.committed.notified()).await;
+    }
+}
+
+const CLAIM: &str = "UPDATE outbox SET next_attempt_at = ?1, lease_id = ?2
+     WHERE position IN (
+        SELECT o.position FROM outbox AS o
+        WHERE o.status = 'pending' AND o.next_attempt_at <= ?3
+          AND NOT EXISTS (
+            SELECT 1 FROM outbox AS held
+            WHERE held.status = 'pending'
+              AND held.aggregate_type = o.aggregate_type
+              AND held.aggregate_id = o.aggregate_id
+              AND held.next_attempt_at > ?3
+              AND held.position < o.position)
+        ORDER BY o.position
+        LIMIT ?4)
+     RETURNING position, id, aggregate_type, aggregate_id, aggregate_version, event_type,
+        payload, occurred_at, traceparent, correlation_id, causation_id, attempts, last_error";
