@@ -322,27 +322,29 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     async fn publish_wave(&self, wave: &[ClaimedEvent<S::Receipt>]) -> Vec<PublishResult> {
         let events: Vec<Event> = wave.iter().map(|c| c.event.clone()).collect();
         let chunk = self.publisher.max_batch_size().max(1);
-        let calls = events.chunks(chunk).map(|events| async move {
-            let call = self.publisher.publish(PublishRequest::new(events));
-            let mut results = match tokio::time::timeout(self.config.publish_timeout, call).await {
-                Ok(results) => results,
-                Err(_) => vec![Err(PublishError::transient("publish timed out")); events.len()],
-            };
-            if results.len() != events.len() {
-                let msg = format!(
-                    "publisher returned {} results for {} events",
-                    results.len(),
-                    events.len()
-                );
-                results.resize_with(events.len(), || Err(PublishError::transient(msg.clone())));
-            }
-            results
-        });
+        // Futures collected first: a closure in the stream would make the
+        // relay's future lose `Send` (rust-lang/rust#102211).
+        let calls: Vec<_> = events.chunks(chunk).map(|events| self.publish_call(events)).collect();
         stream::iter(calls)
             .buffered(self.config.publish_concurrency)
             .flat_map(stream::iter)
             .collect()
             .await
+    }
+
+    /// One publish call, bounded by the publish timeout, always answering
+    /// one result per event.
+    async fn publish_call(&self, events: &[Event]) -> Vec<PublishResult> {
+        let call = self.publisher.publish(PublishRequest::new(events));
+        let mut results = match tokio::time::timeout(self.config.publish_timeout, call).await {
+            Ok(results) => results,
+            Err(_) => vec![Err(PublishError::transient("publish timed out")); events.len()],
+        };
+        if results.len() != events.len() {
+            let msg = format!("publisher returned {} results for {} events", results.len(), events.len());
+            results.resize_with(events.len(), || Err(PublishError::transient(msg.clone())));
+        }
+        results
     }
 }
 

@@ -1,0 +1,68 @@
+//! The SQLite store against the store conformance suite.
+
+use outbox_core::{Event, EventId, Inbox, Seen, StoreError};
+use outbox_sqlite::{SqliteInbox, SqliteOutbox};
+use outbox_testkit::{StoreFeatures, StoreHarness};
+
+struct Sqlite {
+    outbox: SqliteOutbox,
+    _dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outbox = SqliteOutbox::open(&dir.path().join("outbox.db")).await.expect("open");
+        sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY)")
+            .execute(outbox.pool())
+            .await
+            .expect("business table");
+        Self { outbox, _dir: dir }
+    }
+}
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+impl StoreHarness for Sqlite {
+    type Store = SqliteOutbox;
+
+    fn store(&self) -> SqliteOutbox {
+        self.outbox.clone()
+    }
+
+    async fn write(&self, key: &str, events: &[Event], commit: bool) -> Result<(), StoreError> {
+        let mut tx = self.outbox.begin().await?;
+        sqlx::query("INSERT INTO orders (id) VALUES (?)").bind(key).execute(&mut *tx).await.map_err(db)?;
+        // On error `tx` is dropped, which rolls it back.
+        self.outbox.append(&mut tx, events).await?;
+        if commit {
+            self.outbox.commit(tx).await
+        } else {
+            tx.rollback().await.map_err(db)
+        }
+    }
+
+    async fn business_row_exists(&self, key: &str) -> Result<bool, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = ?")
+            .bind(key)
+            .fetch_one(self.outbox.pool())
+            .await
+            .map_err(db)?;
+        Ok(n == 1)
+    }
+
+    async fn inbox_record(&self, consumer: &str, id: EventId, commit: bool) -> Result<Seen, StoreError> {
+        let mut tx = self.outbox.begin().await?;
+        let seen = SqliteInbox.record(&mut tx, consumer, id).await?;
+        if commit {
+            tx.commit().await.map_err(db)?;
+        } else {
+            tx.rollback().await.map_err(db)?;
+        }
+        Ok(seen)
+    }
+}
+
+outbox_testkit::store_conformance!(Sqlite::new, StoreFeatures::all());
