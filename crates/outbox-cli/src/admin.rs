@@ -1,0 +1,115 @@
+//! Operator commands: status, dead letters, purge.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use clap::Subcommand;
+use outbox_core::{DeadLetters, EventId, Purge, ReplaySelector, Stats};
+
+use crate::target::{Store, StoreUrl};
+use crate::{print_json, CliError};
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// Dead-lettered events, oldest first, with their last error.
+    List {
+        #[arg(long)]
+        store: StoreUrl,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make dead letters pending again so the relay publishes them.
+    Replay {
+        #[arg(long)]
+        store: StoreUrl,
+        /// Event ids to replay (repeatable).
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<EventId>,
+        /// Replay every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+pub async fn status(url: &StoreUrl, json: bool) -> Result<(), CliError> {
+    let Store::Sqlite(store) = url.open_existing().await?;
+    let stats = store.stats().await?;
+    let age = stats.oldest_pending_at.map(|t| (Utc::now() - t).to_std().unwrap_or(Duration::ZERO));
+    if json {
+        print_json(&serde_json::json!({
+            "pending": stats.pending,
+            "published": stats.published,
+            "dead": stats.dead,
+            "oldest_pending_age_s": age.map(|a| a.as_secs_f64()),
+        }));
+    } else {
+        println!("store:      {url}");
+        println!("pending:    {}", stats.pending);
+        println!("published:  {}", stats.published);
+        println!("dead:       {}", stats.dead);
+        match age {
+            Some(age) => println!("oldest pending: {} ago", humantime::format_duration(round(age))),
+            None => println!("oldest pending: none"),
+        }
+    }
+    Ok(())
+}
+
+fn round(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
+    match cmd {
+        DeadLetterCommand::List { store, limit, json } => {
+            let Store::Sqlite(s) = store.open_existing().await?;
+            let letters = s.dead_letters(limit).await?;
+            for d in &letters {
+                if json {
+                    print_json(d);
+                } else {
+                    println!(
+                        "{}  {}/{} v{}  {}  attempts={}  error: {}",
+                        d.event.id,
+                        d.event.aggregate_type,
+                        d.event.aggregate_id,
+                        d.event.aggregate_version,
+                        d.event.event_type,
+                        d.attempts,
+                        d.last_error.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            if !json {
+                eprintln!("{} dead letter(s)", letters.len());
+            }
+            Ok(())
+        }
+        DeadLetterCommand::Replay { store, ids, all } => {
+            let Store::Sqlite(s) = store.open_existing().await?;
+            let which = if all { ReplaySelector::All } else { ReplaySelector::Ids(ids.clone()) };
+            let replayed = s.replay(which).await?;
+            println!("replayed {replayed} dead letter(s)");
+            if !all && replayed < ids.len() as u64 {
+                return Err(CliError::Usage(format!(
+                    "{} of the {} ids given are not dead letters",
+                    ids.len() as u64 - replayed,
+                    ids.len()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn purge(url: &StoreUrl, older_than: Duration) -> Result<(), CliError> {
+    let Store::Sqlite(store) = url.open_existing().await?;
+    let age = chrono::Duration::from_std(older_than)
+        .map_err(|_| CliError::Usage("--older-than is too large".into()))?;
+    let purged = store.purge_published(Utc::now() - age).await?;
+    println!("purged {purged} published event(s) older than {}", humantime::format_duration(older_than));
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! `outbox demo`: the seed's Order and Shipping services end to end, with the
+//! guarantees checked against the database afterwards.
+
+mod shop;
+mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use outbox_core::publishers::{memory_broker, MemorySubscriber};
+use outbox_core::{cloudevents, ClaimSource, EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats, StoreError};
+use outbox_testkit::{Chaos, FaultyPublisher};
+use serde::Serialize;
+use futures_util::FutureExt;
+use tokio::sync::watch;
+
+use crate::latency::percentile_ms;
+use crate::progress::Progress;
+use crate::target::{Store, StoreUrl, TargetUrl};
+use crate::{print_json, CliError};
+use shop::{NewOrder, Shipped, Shop};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Orders to place.
+    #[arg(long, default_value_t = 500)]
+    orders: u64,
+    /// Make the broker fail at random and kill the relay mid-batch, repeatedly.
+    #[arg(long)]
+    chaos: bool,
+    /// Keep the database here (sqlite://FILE); by default a temporary file.
+    #[arg(long)]
+    store: Option<StoreUrl>,
+    /// The broker: the in-process one (memory://).
+    #[arg(long, value_parser = crate::parse_target, default_value = "memory://")]
+    to: TargetUrl,
+    /// Print the summary as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+    /// Give up waiting for delivery after this long.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Share of orders later cancelled in a transaction of their own.
+    #[arg(long, default_value_t = 0.1)]
+    cancel_rate: f64,
+}
+
+/// The demo's result; the JSON form is the contract of `--json`.
+#[derive(Debug, Serialize)]
+struct Summary {
+    orders: u64,
+    events_written: u64,
+    events_published: u64,
+    delivered_unique: u64,
+    duplicates_absorbed: u64,
+    dead_lettered: u64,
+    lost: u64,
+    out_of_order: u64,
+    relay_restarts: u64,
+    publish_failures_injected: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    elapsed_s: f64,
+}
+
+const SOURCE: &str = "urn:outbox:demo:order-service";
+/// Restarts happen at random within this range while orders are written.
+const KILL_EVERY_MS: std::ops::Range<u64> = 150..600;
+
+pub async fn run(args: DemoArgs) -> Result<(), CliError> {
+    if args.to != TargetUrl::Memory {
+        return Err(CliError::Usage(format!("the demo on SQLite runs with the in-process broker (memory://), not {}", args.to)));
+    }
+    if !(0.0..=1.0).contains(&args.cancel_rate) {
+        return Err(CliError::Usage("--cancel-rate must be between 0 and 1".into()));
+    }
+    let temp = tempfile::tempdir().map_err(|e| CliError::Usage(format!("cannot make a temporary directory: {e}")))?;
+    let url = args.store.clone().unwrap_or_else(|| StoreUrl::Sqlite(temp.path().join("demo.db")));
+    let Store::Sqlite(outbox) = url.open().await?;
+    let shop = sqlite::SqliteShop::new(outbox).await?;
+    let summary = run_with(shop, &args).await?;
+    report(&summary, &args, args.store.as_ref())
+}
+
+fn report(s: &Summary, args: &DemoArgs, kept: Option<&StoreUrl>) -> Result<(), CliError> {
+    println!("orders placed        {}", s.orders);
+    println!("events written       {}", s.events_written);
+    println!("events published     {}", s.events_published);
+    println!("delivered (unique)   {}", s.delivered_unique);
+    println!("duplicates absorbed  {}", s.duplicates_absorbed);
+    println!("dead-lettered        {}", s.dead_lettered);
+    println!("lost                 {}", s.lost);
+    println!("out of order         {}", s.out_of_order);
+    if args.chaos {
+        println!("relay restarts       {}", s.relay_restarts);
+        println!("failures injected    {}", s.publish_failures_injected);
+    }
+    println!("commit to consumer   p50 {} ms, p99 {} ms", s.p50_ms, s.p99_ms);
+    println!("elapsed              {:.2} s", s.elapsed_s);
+    if let Some(url) = kept {
+        println!("database kept at     {url} (tables orders, outbox, shipments, inbox)");
+    }
+    if args.json {
+        print_json(s);
+    }
+    let accounted = s.delivered_unique + s.dead_lettered == s.events_written;
+    if s.lost > 0 || s.out_of_order > 0 || !accounted {
+        return Err(CliError::Check(format!(
+            "guarantee broken: lost {}, out of order {}, delivered + dead = {} of {} written",
+            s.lost,
+            s.out_of_order,
+            s.delivered_unique + s.dead_lettered,
+            s.events_written
+        )));
+    }
+    Ok(())
+}
+
+/// What the Shipping consumer saw.
+#[derive(Debug, Default)]
+struct Consumed {
+    deliveries: AtomicU64,
+    unique: AtomicU64,
+    duplicates: AtomicU64,
+    out_of_order: AtomicU64,
+    gaps: AtomicU64,
+    errors: AtomicU64,
+}
+
+async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError> {
+    let started = Instant::now();
+    let (broker, subscriber) = memory_broker(SOURCE);
+    let chaos = if args.chaos {
+        Chaos {
+            transient_rate: 0.05,
+            lost_ack_rate: 0.03,
+            poison_rate: 0.005,
+            hang_rate: 0.005,
+            hang_for: Duration::from_secs(2),
+        }
+    } else {
+        Chaos::default()
+    };
+    let publisher = FaultyPublisher::new(broker.clone()).with_chaos(chaos);
+    let injected = publisher.injected();
+    let config = RelayConfig::default()
+        .batch_size(200)
+        .lease(Duration::from_secs(2))
+        .publish_timeout(Duration::from_millis(500))
+        .idle_poll(Duration::from_millis(100))
+        .retry(RetryPolicy {
+            initial: Duration::from_millis(20),
+            max_delay: Duration::from_millis(500),
+            max_attempts: 25,
+            ..RetryPolicy::default()
+        });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let consumed = Arc::new(Consumed::default());
+    let consumer = tokio::spawn(consume(shop.clone(), subscriber, consumed.clone(), stop_rx.clone()));
+    let writing = Arc::new(AtomicBool::new(true));
+    let restarts = Arc::new(AtomicU64::new(0));
+    let relays = tokio::spawn(supervise(
+        shop.outbox(),
+        publisher,
+        config,
+        args.chaos,
+        writing.clone(),
+        restarts.clone(),
+        stop_rx,
+    ));
+    let written = Arc::new(AtomicU64::new(0));
+    let orders_placed = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_orders(shop.clone(), args.orders, args.cancel_rate, written.clone(), orders_placed.clone()));
+
+    let mut progress = Progress::new(args.orders, "orders");
+    let deadline = started + args.timeout;
+    let outbox = shop.outbox();
+    let mut commits = None;
+    let mut writer = Some(writer);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if writer.as_ref().is_some_and(|w| w.is_finished()) {
+            if let Some(w) = writer.take() {
+                commits = Some(w.await.map_err(|e| CliError::Check(format!("order writer failed: {e}")))??);
+            }
+            writing.store(false, Ordering::Relaxed);
+        }
+        let stats = outbox.stats().await?;
+        progress.update(
+            orders_placed.load(Ordering::Relaxed),
+            &format!(
+                "| events {} delivered {} dead {} pending {} | restarts {}",
+                written.load(Ordering::Relaxed),
+                consumed.unique.load(Ordering::Relaxed),
+                stats.dead,
+                stats.pending,
+                restarts.load(Ordering::Relaxed)
+            ),
+        );
+        let drained = consumed.deliveries.load(Ordering::Relaxed) == broker.sent();
+        if commits.is_some() && stats.pending == 0 && drained {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("timed out after {:?} with {} events pending", args.timeout, stats.pending);
+            break;
+        }
+    }
+    progress.finish();
+    let _ = stop_tx.send(true);
+    relays.await.map_err(|e| CliError::Check(format!("relay supervisor failed: {e}")))??;
+    let first_delivery = consumer.await.map_err(|e| CliError::Check(format!("consumer failed: {e}")))?;
+    let commits = match (commits, writer) {
+        (Some(c), _) => c,
+        (None, Some(w)) => {
+            w.abort();
+            HashMap::new()
+        }
+        (None, None) => HashMap::new(),
+    };
+
+    let audit = shop.audit().await?;
+    let mut latencies: Vec<Duration> = first_delivery
+        .iter()
+        .filter_map(|(id, at)| commits.get(id).map(|c| at.saturating_duration_since(*c)))
+        .collect();
+    latencies.sort_unstable();
+    let unique = consumed.unique.load(Ordering::Relaxed);
+    if unique != audit.delivered_unique || written.load(Ordering::Relaxed) != audit.events_written {
+        return Err(CliError::Check(format!(
+            "the run and the database disagree: consumer saw {unique} unique events, inbox holds {}; \
+             writer wrote {} events, outbox holds {}",
+            audit.delivered_unique,
+            written.load(Ordering::Relaxed),
+            audit.events_written
+        )));
+    }
+    let gaps = consumed.gaps.load(Ordering::Relaxed);
+    let errors = consumed.errors.load(Ordering::Relaxed);
+    if gaps > 0 || errors > 0 {
+        eprintln!("note: {gaps} event(s) applied after a dead-lettered predecessor, {errors} consumer error(s)");
+    }
+    Ok(Summary {
+        orders: audit.orders,
+        events_written: audit.events_written,
+        events_published: audit.published,
+        delivered_unique: audit.delivered_unique,
+        duplicates_absorbed: consumed.duplicates.load(Ordering::Relaxed),
+        dead_lettered: audit.dead,
+        lost: audit.lost,
+        out_of_order: consumed.out_of_order.load(Ordering::Relaxed),
+        relay_restarts: restarts.load(Ordering::Relaxed),
+        publish_failures_injected: injected.total(),
+        p50_ms: percentile_ms(&latencies, 50.0),
+        p99_ms: percentile_ms(&latencies, 99.0),
+        elapsed_s: (started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+    })
+}
+
+/// Calls `op` again while the store is busy (SQLite's single writer) or briefly down.
+async fn retrying<T, F: std::future::Future<Output = Result<T, StoreError>>>(mut op: impl FnMut() -> F) -> Result<T, StoreError> {
+    let mut tries = 0;
+    loop {
+        match op().await {
+            Err(e) if e.is_retryable() && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The Order service: places orders and cancels some, one transaction each.
+/// Returns when each event was committed.
+async fn write_orders<S: Shop>(
+    shop: S,
+    orders: u64,
+    cancel_rate: f64,
+    written: Arc<AtomicU64>,
+    placed: Arc<AtomicU64>,
+) -> Result<HashMap<EventId, Instant>, CliError> {
+    let mut commits = HashMap::new();
+    let mut ids: Vec<String> = Vec::with_capacity(orders as usize);
+    for n in 0..orders {
+        let order = NewOrder::random(n);
+        let events = retrying(|| shop.place_order(&order)).await?;
+        let now = Instant::now();
+        written.fetch_add(events.len() as u64, Ordering::Relaxed);
+        commits.extend(events.iter().map(|e| (e.id, now)));
+        ids.push(order.id);
+        placed.fetch_add(1, Ordering::Relaxed);
+        if !ids.is_empty() && fastrand::f64() < cancel_rate {
+            let victim = &ids[fastrand::usize(..ids.len())];
+            if let Some(event) = retrying(|| shop.cancel_order(victim)).await? {
+                written.fetch_add(1, Ordering::Relaxed);
+                commits.insert(event.id, Instant::now());
+            }
+        }
+        // Let the relay and the consumer share the single SQLite writer.
+        tokio::task::yield_now().await;
+    }
+    Ok(commits)
+}
+
+/// The Shipping service: applies each delivery once, through the inbox.
+/// Returns when each event was first delivered.
+async fn consume<S: Shop>(
+    shop: S,
+    mut subscriber: MemorySubscriber,
+    seen: Arc<Consumed>,
+    mut stop: watch::Receiver<bool>,
+) -> HashMap<EventId, Instant> {
+    let mut first_delivery = HashMap::new();
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            d = subscriber.recv() => match d { Some(d) => d, None => break },
+            _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => break,
+        };
+        let received_at = Instant::now();
+        let outcome = match cloudevents::from_json(&delivery.body) {
+            Ok(received) => retrying(|| shop.ship(&received.event)).await,
+            Err(e) => Err(StoreError::Invalid(e)),
+        };
+        let counter = match outcome {
+            Ok(Shipped::Duplicate) => &seen.duplicates,
+            Ok(Shipped::OutOfOrder) => &seen.out_of_order,
+            Ok(shipped) => {
+                if shipped == Shipped::AppliedAfterGap {
+                    seen.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                first_delivery.insert(delivery.id, received_at);
+                &seen.unique
+            }
+            Err(e) => {
+                tracing::error!(id = %delivery.id, error = %e, "shipping: cannot process delivery");
+                &seen.errors
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        seen.deliveries.fetch_add(1, Ordering::Relaxed);
+    }
+    first_delivery
+}
+
+/// Runs the relay; with chaos, kills it at random moments (mid-batch, holding
+/// claims) while orders are written, and starts a new one.
+async fn supervise<O: ClaimSource + Clone + 'static, P: Publisher + Clone + 'static>(
+    outbox: O,
+    publisher: P,
+    config: RelayConfig,
+    chaos: bool,
+    writing: Arc<AtomicBool>,
+    restarts: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), CliError> {
+    loop {
+        let relay = Relay::new(outbox.clone(), publisher.clone(), config.clone())?;
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut handle = tokio::spawn(async move {
+            relay
+                .run(async {
+                    let _ = shutdown_rx.await;
+                })
+                .await
+        });
+        let kill = chaos && writing.load(Ordering::Relaxed);
+        let kill_in = Duration::from_millis(fastrand::u64(KILL_EVERY_MS));
+        tokio::select! {
+            _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => {
+                let _ = shutdown_tx.send(());
+                return match handle.await {
+                    Ok(result) => result.map(drop).map_err(CliError::from),
+                    Err(e) => Err(CliError::Check(format!("relay task failed: {e}"))),
+                };
+            }
+            () = tokio::time::sleep(kill_in), if kill => {
+                handle.abort();
+                let _ = handle.await;
+                restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            result = &mut handle => {
+                return match result {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(CliError::Check(format!("relay task failed: {e}"))),
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! `outbox`: run the demo, the relay, and the operator's commands.
+
+mod admin;
+mod bench;
+mod demo;
+mod latency;
+mod progress;
+mod relay;
+mod target;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use target::{StoreUrl, TargetUrl};
+
+#[derive(Debug, Parser)]
+#[command(name = "outbox", version, about = "Transactional outbox: record domain events with your data, deliver them reliably")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the Order and Shipping services end to end and check the guarantees.
+    Demo(demo::DemoArgs),
+    /// Publish pending events from a store to a broker until stopped (SIGINT/SIGTERM).
+    Relay(relay::RelayArgs),
+    /// Pending, published and dead counts, and the age of the oldest pending event.
+    Status {
+        #[arg(long)]
+        store: StoreUrl,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or replay dead-lettered events.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(admin::DeadLetterCommand),
+    /// Delete published events older than a given age.
+    Purge {
+        #[arg(long)]
+        store: StoreUrl,
+        /// Such as 7d, 12h, 30m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+    },
+    /// Measure backlog drain throughput and commit-to-publish latency.
+    Bench(bench::BenchArgs),
+}
+
+/// A failure the user can act on, printed without a backtrace.
+#[derive(Debug)]
+pub enum CliError {
+    Usage(String),
+    Store(outbox_core::StoreError),
+    /// The run finished but broke a guarantee it checks.
+    Check(String),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Usage(m) | CliError::Check(m) => f.write_str(m),
+            CliError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<outbox_core::StoreError> for CliError {
+    fn from(e: outbox_core::StoreError) -> Self {
+        CliError::Store(e)
+    }
+}
+
+impl From<sqlx::Error> for CliError {
+    fn from(e: sqlx::Error) -> Self {
+        CliError::Store(outbox_core::StoreError::Backend(Box::new(e)))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Relay(args) => relay::run(args).await,
+            Command::Status { store, json } => admin::status(&store, json).await,
+            Command::DeadLetters(cmd) => admin::dead_letters(cmd).await,
+            Command::Purge { store, older_than } => admin::purge(&store, older_than).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// Prints `value` as one line of JSON.
+pub fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot render JSON: {e}"),
+    }
+}
+
+pub use target::{AnyPublisher, Store};
+
+/// Accepts `TargetUrl` in clap arguments.
+pub fn parse_target(s: &str) -> Result<TargetUrl, String> {
+    s.parse()
+}

@@ -1,0 +1,57 @@
+//! `outbox relay`: the long-running relay process.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Args;
+use outbox_core::{ClaimSource, Publisher, Relay, RelayConfig};
+
+use crate::target::{Store, StoreUrl, TargetUrl};
+use crate::{shutdown_signal, CliError};
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    #[arg(long)]
+    store: StoreUrl,
+    /// Where to publish: stdout://, null://.
+    #[arg(long, value_parser = crate::parse_target)]
+    to: TargetUrl,
+    /// CloudEvents `source` of the published events.
+    #[arg(long, default_value = outbox_core::publish::DEFAULT_SOURCE)]
+    source: String,
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Attempts before an event is dead-lettered.
+    #[arg(long, default_value_t = 12)]
+    max_attempts: u32,
+    /// Longest wait between polls when idle.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    poll: Duration,
+    /// Publish what is due, then exit (for schedulers such as cron).
+    #[arg(long)]
+    once: bool,
+}
+
+pub async fn run(args: RelayArgs) -> Result<(), CliError> {
+    let publisher = args.to.publisher(&args.source)?;
+    let config = RelayConfig::default()
+        .batch_size(args.batch_size)
+        .max_attempts(args.max_attempts)
+        .idle_poll(args.poll);
+    let Store::Sqlite(store) = args.store.open().await?;
+    serve(store, publisher, config, args.once).await
+}
+
+async fn serve<S: ClaimSource, P: Publisher>(store: S, publisher: P, config: RelayConfig, once: bool) -> Result<(), CliError> {
+    let relay = Relay::new(store, publisher, config)?;
+    let report = if once { relay.drain().await? } else { relay.run(shutdown_signal()).await? };
+    let m = relay.metrics();
+    eprintln!(
+        "relay stopped: published {}, retried {}, dead-lettered {}, released {}",
+        m.published.load(Ordering::Relaxed),
+        m.retried.load(Ordering::Relaxed),
+        m.dead_lettered.load(Ordering::Relaxed),
+        report.released
+    );
+    Ok(())
+}
