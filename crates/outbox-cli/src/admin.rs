@@ -37,7 +37,9 @@ pub enum DeadLetterCommand {
 pub async fn status(url: &StoreUrl, json: bool) -> Result<(), CliError> {
     let Store::Sqlite(store) = url.open_existing().await?;
     let stats = store.stats().await?;
-    let age = stats.oldest_pending_at.map(|t| (Utc::now() - t).to_std().unwrap_or(Duration::ZERO));
+    let age = stats
+        .oldest_pending_at
+        .map(|t| (Utc::now() - t).to_std().unwrap_or(Duration::ZERO));
     if json {
         print_json(&serde_json::json!({
             "pending": stats.pending,
@@ -51,7 +53,10 @@ pub async fn status(url: &StoreUrl, json: bool) -> Result<(), CliError> {
         println!("published:  {}", stats.published);
         println!("dead:       {}", stats.dead);
         match age {
-            Some(age) => println!("oldest pending: {} ago", humantime::format_duration(round(age))),
+            Some(age) => println!(
+                "oldest pending: {} ago",
+                humantime::format_duration(round(age))
+            ),
             None => println!("oldest pending: none"),
         }
     }
@@ -90,7 +95,11 @@ pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
         }
         DeadLetterCommand::Replay { store, ids, all } => {
             let Store::Sqlite(s) = store.open_existing().await?;
-            let which = if all { ReplaySelector::All } else { ReplaySelector::Ids(ids.clone()) };
+            let which = if all {
+                ReplaySelector::All
+            } else {
+                ReplaySelector::Ids(ids.clone())
+            };
             let replayed = s.replay(which).await?;
             println!("replayed {replayed} dead letter(s)");
             if !all && replayed < ids.len() as u64 {
@@ -110,6 +119,9 @@ pub async fn purge(url: &StoreUrl, older_than: Duration) -> Result<(), CliError>
     let age = chrono::Duration::from_std(older_than)
         .map_err(|_| CliError::Usage("--older-than is too large".into()))?;
     let purged = store.purge_published(Utc::now() - age).await?;
-    println!("purged {purged} published event(s) older than {}", humantime::format_duration(older_than));
+    println!(
+        "purged {purged} published event(s) older than {}",
+        humantime::format_duration(older_than)
+    );
     Ok(())
 }

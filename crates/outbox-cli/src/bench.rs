@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use outbox_core::{ClaimSource, Event, EventId, PublishRequest, PublishResult, Publisher, Relay, RelayConfig, Stats, StoreError};
+use outbox_core::{
+    ClaimSource, Event, EventId, PublishRequest, PublishResult, Publisher, Relay, RelayConfig,
+    Stats, StoreError,
+};
 use outbox_sqlite::SqliteOutbox;
 use serde::Serialize;
 
@@ -59,7 +62,10 @@ struct Results {
 
 /// Writes events in one committed transaction: what a benchmark needs of a store.
 pub trait EventWriter: ClaimSource + Stats + Clone + 'static {
-    fn write(&self, events: &[Event]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    fn write(
+        &self,
+        events: &[Event],
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 }
 
 impl EventWriter for SqliteOutbox {
@@ -72,17 +78,26 @@ impl EventWriter for SqliteOutbox {
 
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     if args.events == 0 || args.rate == 0 || args.events_per_aggregate == 0 {
-        return Err(CliError::Usage("--events, --rate and --events-per-aggregate must be at least 1".into()));
+        return Err(CliError::Usage(
+            "--events, --rate and --events-per-aggregate must be at least 1".into(),
+        ));
     }
-    let temp = tempfile::tempdir().map_err(|e| CliError::Usage(format!("cannot make a temporary directory: {e}")))?;
-    let url = args.store.clone().unwrap_or_else(|| StoreUrl::Sqlite(temp.path().join("bench.db")));
+    let temp = tempfile::tempdir()
+        .map_err(|e| CliError::Usage(format!("cannot make a temporary directory: {e}")))?;
+    let url = args
+        .store
+        .clone()
+        .unwrap_or_else(|| StoreUrl::Sqlite(temp.path().join("bench.db")));
     let publisher = args.to.publisher("urn:outbox:bench")?;
     let Store::Sqlite(store) = url.open().await?;
     let results = measure(store, publisher, &args, &url).await?;
     println!("store {}  ->  {}", results.store, results.to);
     println!(
         "backlog of {} events ({} per aggregate): written at {:.0}/s, drained at {:.0} events/s",
-        results.events, results.events_per_aggregate, results.write_events_per_s, results.drain_events_per_s
+        results.events,
+        results.events_per_aggregate,
+        results.write_events_per_s,
+        results.drain_events_per_s
     );
     println!(
         "steady {} events/s (achieved {:.0}/s): commit to publish p50 {} ms, p99 {} ms over {} events",
@@ -95,9 +110,14 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
 }
 
 fn event(aggregate: u64, version: u64) -> Result<Event, StoreError> {
-    Ok(Event::builder("Order", format!("bench-{aggregate}"), version, "OrderCreated")
-        .payload(&serde_json::json!({ "orderId": aggregate, "totalCents": 4200, "items": [1, 2, 3] }))
-        .build()?)
+    Ok(Event::builder(
+        "Order",
+        format!("bench-{aggregate}"),
+        version,
+        "OrderCreated",
+    )
+    .payload(&serde_json::json!({ "orderId": aggregate, "totalCents": 4200, "items": [1, 2, 3] }))
+    .build()?)
 }
 
 async fn measure<S: EventWriter, P: Publisher + Clone + 'static>(
@@ -107,7 +127,9 @@ async fn measure<S: EventWriter, P: Publisher + Clone + 'static>(
     url: &StoreUrl,
 ) -> Result<Results, CliError> {
     if store.stats().await?.pending > 0 {
-        return Err(CliError::Usage(format!("{url} already has pending events; benchmark an empty store")));
+        return Err(CliError::Usage(format!(
+            "{url} already has pending events; benchmark an empty store"
+        )));
     }
     // 1. A backlog, written before any relay runs.
     let per_agg = args.events_per_aggregate;
@@ -126,17 +148,25 @@ async fn measure<S: EventWriter, P: Publisher + Clone + 'static>(
     progress.finish();
 
     // 2. Drain it.
-    let config = RelayConfig::default().batch_size(args.batch_size).idle_poll(Duration::from_millis(50));
+    let config = RelayConfig::default()
+        .batch_size(args.batch_size)
+        .idle_poll(Duration::from_millis(50));
     let relay = Relay::new(store.clone(), publisher.clone(), config.clone())?;
     let started = Instant::now();
     let report = relay.drain().await?;
     let drain_secs = started.elapsed().as_secs_f64();
     if report.published as u64 != args.events {
-        return Err(CliError::Check(format!("drained {} of {} events", report.published, args.events)));
+        return Err(CliError::Check(format!(
+            "drained {} of {} events",
+            report.published, args.events
+        )));
     }
 
     // 3. Steady load, one event a transaction, with the relay running.
-    let probe = Probe { inner: publisher, published: Arc::default() };
+    let probe = Probe {
+        inner: publisher,
+        published: Arc::default(),
+    };
     let relay = Relay::new(store.clone(), probe.clone(), config)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let relay_task = tokio::spawn(async move {
@@ -166,9 +196,15 @@ async fn measure<S: EventWriter, P: Publisher + Clone + 'static>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop_tx.send(());
-    relay_task.await.map_err(|e| CliError::Check(format!("relay task failed: {e}")))??;
+    relay_task
+        .await
+        .map_err(|e| CliError::Check(format!("relay task failed: {e}")))??;
 
-    let published = probe.published.lock().map(|p| p.clone()).unwrap_or_default();
+    let published = probe
+        .published
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
     let mut latencies: Vec<Duration> = published
         .iter()
         .filter_map(|(id, at)| commits.get(id).map(|c| at.saturating_duration_since(*c)))
@@ -205,7 +241,14 @@ impl<P: Publisher> Publisher for Probe<P> {
         let results = self.inner.publish(request).await;
         let now = Instant::now();
         if let Ok(mut published) = self.published.lock() {
-            published.extend(request.events.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(e, _)| (e.id, now)));
+            published.extend(
+                request
+                    .events
+                    .iter()
+                    .zip(&results)
+                    .filter(|(_, r)| r.is_ok())
+                    .map(|(e, _)| (e.id, now)),
+            );
         }
         results
     }

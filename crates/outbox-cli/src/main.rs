@@ -16,7 +16,11 @@ use clap::{Parser, Subcommand};
 use target::{StoreUrl, TargetUrl};
 
 #[derive(Debug, Parser)]
-#[command(name = "outbox", version, about = "Transactional outbox: record domain events with your data, deliver them reliably")]
+#[command(
+    name = "outbox",
+    version,
+    about = "Transactional outbox: record domain events with your data, deliver them reliably"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,7 +93,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -17,13 +17,19 @@ impl Progress {
     pub fn new(total: u64, unit: &str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let template = format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}}");
+            let template =
+                format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}}");
             if let Ok(style) = ProgressStyle::with_template(&template) {
                 bar.set_style(style.progress_chars("=> "));
             }
             bar
         });
-        Self { bar, last_line: Instant::now(), total, unit: unit.to_owned() }
+        Self {
+            bar,
+            last_line: Instant::now(),
+            total,
+            unit: unit.to_owned(),
+        }
     }
 
     pub fn update(&mut self, position: u64, message: &str) {

@@ -42,9 +42,18 @@ pub async fn run(args: RelayArgs) -> Result<(), CliError> {
     serve(store, publisher, config, args.once).await
 }
 
-async fn serve<S: ClaimSource, P: Publisher>(store: S, publisher: P, config: RelayConfig, once: bool) -> Result<(), CliError> {
+async fn serve<S: ClaimSource, P: Publisher>(
+    store: S,
+    publisher: P,
+    config: RelayConfig,
+    once: bool,
+) -> Result<(), CliError> {
     let relay = Relay::new(store, publisher, config)?;
-    let report = if once { relay.drain().await? } else { relay.run(shutdown_signal()).await? };
+    let report = if once {
+        relay.drain().await?
+    } else {
+        relay.run(shutdown_signal()).await?
+    };
     let m = relay.metrics();
     eprintln!(
         "relay stopped: published {}, retried {}, dead-lettered {}, released {}",

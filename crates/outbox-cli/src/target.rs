@@ -18,13 +18,17 @@ impl std::str::FromStr for StoreUrl {
     type Err = String;
 
     fn from_str(url: &str) -> Result<Self, String> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| format!("`{url}` is not a store URL; expected e.g. sqlite://outbox.db"))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            format!("`{url}` is not a store URL; expected e.g. sqlite://outbox.db")
+        })?;
         match scheme {
-            "sqlite" if rest.is_empty() => Err("sqlite:// needs a file, as in sqlite://outbox.db".into()),
+            "sqlite" if rest.is_empty() => {
+                Err("sqlite:// needs a file, as in sqlite://outbox.db".into())
+            }
             "sqlite" => Ok(StoreUrl::Sqlite(PathBuf::from(rest))),
-            other => Err(format!("unknown store `{other}://`; supported: sqlite://FILE")),
+            other => Err(format!(
+                "unknown store `{other}://`; supported: sqlite://FILE"
+            )),
         }
     }
 }
@@ -53,9 +57,10 @@ impl StoreUrl {
     /// Opens a store that must already exist (admin commands never create one).
     pub async fn open_existing(&self) -> Result<Store, CliError> {
         match self {
-            StoreUrl::Sqlite(path) if !path.exists() => {
-                Err(CliError::Usage(format!("no database at {}", path.display())))
-            }
+            StoreUrl::Sqlite(path) if !path.exists() => Err(CliError::Usage(format!(
+                "no database at {}",
+                path.display()
+            ))),
             _ => self.open().await,
         }
     }
@@ -83,7 +88,9 @@ impl std::str::FromStr for TargetUrl {
             "null" => Ok(TargetUrl::Null),
             "stdout" => Ok(TargetUrl::Stdout),
             "memory" => Ok(TargetUrl::Memory),
-            other => Err(format!("unknown target `{other}://`; supported: null://, stdout://, memory://")),
+            other => Err(format!(
+                "unknown target `{other}://`; supported: null://, stdout://, memory://"
+            )),
         }
     }
 }
@@ -139,10 +146,19 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        assert_eq!("sqlite://a/b.db".parse::<StoreUrl>(), Ok(StoreUrl::Sqlite("a/b.db".into())));
-        assert_eq!("sqlite:///tmp/x.db".parse::<StoreUrl>(), Ok(StoreUrl::Sqlite("/tmp/x.db".into())));
+        assert_eq!(
+            "sqlite://a/b.db".parse::<StoreUrl>(),
+            Ok(StoreUrl::Sqlite("a/b.db".into()))
+        );
+        assert_eq!(
+            "sqlite:///tmp/x.db".parse::<StoreUrl>(),
+            Ok(StoreUrl::Sqlite("/tmp/x.db".into()))
+        );
         assert!("sqlite://".parse::<StoreUrl>().is_err());
-        assert!("mysql://x".parse::<StoreUrl>().unwrap_err().contains("unknown store"));
+        assert!("mysql://x"
+            .parse::<StoreUrl>()
+            .unwrap_err()
+            .contains("unknown store"));
         assert!("outbox.db".parse::<StoreUrl>().is_err());
         assert_eq!("null://".parse::<TargetUrl>(), Ok(TargetUrl::Null));
         assert!("kafka://x".parse::<TargetUrl>().is_err());

@@ -45,7 +45,9 @@ pub fn to_json(event: &Event, source: &str) -> String {
         source,
         ty: &event.event_type,
         subject: &event.aggregate_id,
-        time: event.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        time: event
+            .occurred_at
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
         datacontenttype: CONTENT_TYPE,
         data: event.payload.as_raw(),
         aggregatetype: &event.aggregate_type,
@@ -105,7 +107,10 @@ pub fn from_json(body: &str) -> Result<Received, InvalidEvent> {
     if ce.specversion != SPEC_VERSION {
         return Err(InvalidEvent::new(
             "specversion",
-            format!("`{}` is not supported, expected {SPEC_VERSION}", ce.specversion),
+            format!(
+                "`{}` is not supported, expected {SPEC_VERSION}",
+                ce.specversion
+            ),
         ));
     }
     let missing = |field| InvalidEvent::new(field, "is missing");
@@ -113,7 +118,9 @@ pub fn from_json(body: &str) -> Result<Received, InvalidEvent> {
         id: ce.id,
         aggregate_type: ce.aggregatetype.ok_or_else(|| missing("aggregatetype"))?,
         aggregate_id: ce.subject.ok_or_else(|| missing("subject"))?,
-        aggregate_version: ce.aggregateversion.ok_or_else(|| missing("aggregateversion"))?,
+        aggregate_version: ce
+            .aggregateversion
+            .ok_or_else(|| missing("aggregateversion"))?,
         event_type: ce.ty,
         payload: match ce.data {
             Some(raw) => Payload::from_json(String::from(raw.get()))?,
@@ -127,7 +134,10 @@ pub fn from_json(body: &str) -> Result<Received, InvalidEvent> {
         },
     };
     event.validate()?;
-    Ok(Received { event, source: ce.source })
+    Ok(Received {
+        event,
+        source: ce.source,
+    })
 }
 
 #[cfg(test)]
@@ -160,9 +170,18 @@ mod tests {
         assert!(from_json("[]").is_err());
         let no_version = r#"{"specversion":"1.0","id":"0192e4a0-0000-7000-8000-000000000000",
             "source":"s","type":"T","subject":"a","time":"2024-01-01T00:00:00Z","aggregatetype":"A"}"#;
-        assert_eq!(from_json(no_version).unwrap_err().field(), "aggregateversion");
-        let string_version = no_version.replace(r#""aggregatetype":"A""#, r#""aggregatetype":"A","aggregateversion":"4""#);
-        assert_eq!(from_json(&string_version).unwrap().event.aggregate_version, 4);
+        assert_eq!(
+            from_json(no_version).unwrap_err().field(),
+            "aggregateversion"
+        );
+        let string_version = no_version.replace(
+            r#""aggregatetype":"A""#,
+            r#""aggregatetype":"A","aggregateversion":"4""#,
+        );
+        assert_eq!(
+            from_json(&string_version).unwrap().event.aggregate_version,
+            4
+        );
         let old = string_version.replace(r#""specversion":"1.0""#, r#""specversion":"0.3""#);
         assert_eq!(from_json(&old).unwrap_err().field(), "specversion");
     }

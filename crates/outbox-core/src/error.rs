@@ -33,15 +33,24 @@ pub struct PublishError {
 
 impl PublishError {
     pub fn transient(message: impl Into<String>) -> Self {
-        Self { disposition: Disposition::Transient, message: message.into() }
+        Self {
+            disposition: Disposition::Transient,
+            message: message.into(),
+        }
     }
 
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { disposition: Disposition::Permanent, message: message.into() }
+        Self {
+            disposition: Disposition::Permanent,
+            message: message.into(),
+        }
     }
 
     pub fn retry_after(after: Duration, message: impl Into<String>) -> Self {
-        Self { disposition: Disposition::RetryAfter(after), message: message.into() }
+        Self {
+            disposition: Disposition::RetryAfter(after),
+            message: message.into(),
+        }
     }
 
     pub fn disposition(&self) -> Disposition {
@@ -63,7 +72,10 @@ pub struct InvalidEvent {
 
 impl InvalidEvent {
     pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self { field, reason: reason.into() }
+        Self {
+            field,
+            reason: reason.into(),
+        }
     }
 
     /// The envelope field at fault.
@@ -82,7 +94,11 @@ pub enum StoreError {
 
     /// A limit of the store would be exceeded (size, count); nothing was written.
     #[error("{limit} exceeded: {actual} > {max}")]
-    LimitExceeded { limit: &'static str, actual: u64, max: u64 },
+    LimitExceeded {
+        limit: &'static str,
+        actual: u64,
+        max: u64,
+    },
 
     /// Another writer got there first, such as the same aggregate version
     /// written twice. Reload and decide again; retrying as is will fail again.

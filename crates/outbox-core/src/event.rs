@@ -186,7 +186,10 @@ impl Event {
                 ));
             }
             if value.chars().any(char::is_control) {
-                return Err(InvalidEvent::new(field, "must not contain control characters"));
+                return Err(InvalidEvent::new(
+                    field,
+                    "must not contain control characters",
+                ));
             }
             Ok(())
         }
@@ -290,11 +293,17 @@ mod tests {
 
     #[test]
     fn builder_refuses_bad_fields() {
-        let err = Event::builder("Order", "", 1, "OrderCreated").build().unwrap_err();
+        let err = Event::builder("Order", "", 1, "OrderCreated")
+            .build()
+            .unwrap_err();
         assert_eq!(err.field(), "aggregate_id");
-        let err = Event::builder("Order", "o-1", 0, "OrderCreated").build().unwrap_err();
+        let err = Event::builder("Order", "o-1", 0, "OrderCreated")
+            .build()
+            .unwrap_err();
         assert_eq!(err.field(), "aggregate_version");
-        let err = Event::builder("Order", "o-1", 1, "Order\nCreated").build().unwrap_err();
+        let err = Event::builder("Order", "o-1", 1, "Order\nCreated")
+            .build()
+            .unwrap_err();
         assert_eq!(err.field(), "event_type");
         assert!(Payload::from_json("{not json").is_err());
     }

@@ -151,7 +151,12 @@ fn key(event: &Event) -> Key {
 impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     pub fn new(source: S, publisher: P, config: RelayConfig) -> Result<Self, StoreError> {
         config.validate()?;
-        Ok(Self { source, publisher, config, metrics: Arc::default() })
+        Ok(Self {
+            source,
+            publisher,
+            config,
+            metrics: Arc::default(),
+        })
     }
 
     pub fn metrics(&self) -> Arc<RelayMetrics> {
@@ -207,7 +212,9 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     pub async fn drain(&self) -> Result<BatchReport, StoreError> {
         let mut total = BatchReport::default();
         loop {
-            let report = self.run_batch(None::<std::pin::Pin<&mut std::future::Pending<()>>>).await?;
+            let report = self
+                .run_batch(None::<std::pin::Pin<&mut std::future::Pending<()>>>)
+                .await?;
             total.add(report);
             if report.claimed == 0 {
                 return Ok(total);
@@ -217,7 +224,8 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
 
     /// One claim-publish-settle cycle.
     pub async fn run_once(&self) -> Result<BatchReport, StoreError> {
-        self.run_batch(None::<std::pin::Pin<&mut std::future::Pending<()>>>).await
+        self.run_batch(None::<std::pin::Pin<&mut std::future::Pending<()>>>)
+            .await
     }
 
     async fn run_batch(
@@ -236,16 +244,21 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             return Ok(BatchReport::default());
         }
         self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-        self.metrics.claimed.fetch_add(count as u64, Ordering::Relaxed);
+        self.metrics
+            .claimed
+            .fetch_add(count as u64, Ordering::Relaxed);
 
         let mut settlements = Settlements::default();
         let mut blocked: HashSet<Key> = HashSet::new();
         let mut stopping = false;
         for wave in into_waves(claimed.events) {
             stopping = stopping || shutdown.as_mut().is_some_and(|s| is_ready(s.as_mut()));
-            let (send, held): (Vec<_>, Vec<_>) =
-                wave.into_iter().partition(|c| !stopping && !blocked.contains(&key(&c.event)));
-            settlements.released.extend(held.into_iter().map(|c| c.receipt));
+            let (send, held): (Vec<_>, Vec<_>) = wave
+                .into_iter()
+                .partition(|c| !stopping && !blocked.contains(&key(&c.event)));
+            settlements
+                .released
+                .extend(held.into_iter().map(|c| c.receipt));
             if send.is_empty() {
                 continue;
             }
@@ -269,17 +282,28 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             released: settlements.released.len(),
         };
         let m = &self.metrics;
-        m.published.fetch_add(report.published as u64, Ordering::Relaxed);
-        m.retried.fetch_add(report.retried as u64, Ordering::Relaxed);
-        m.dead_lettered.fetch_add(report.dead_lettered as u64, Ordering::Relaxed);
-        m.released.fetch_add(report.released as u64, Ordering::Relaxed);
-        let applied = self.source.settle(claimed.lease, settlements).await.inspect_err(|_| {
-            m.store_errors.fetch_add(1, Ordering::Relaxed);
-        })?;
+        m.published
+            .fetch_add(report.published as u64, Ordering::Relaxed);
+        m.retried
+            .fetch_add(report.retried as u64, Ordering::Relaxed);
+        m.dead_lettered
+            .fetch_add(report.dead_lettered as u64, Ordering::Relaxed);
+        m.released
+            .fetch_add(report.released as u64, Ordering::Relaxed);
+        let applied = self
+            .source
+            .settle(claimed.lease, settlements)
+            .await
+            .inspect_err(|_| {
+                m.store_errors.fetch_add(1, Ordering::Relaxed);
+            })?;
         if applied < count as u64 {
             // Another relay took over after our lease ran out; it will publish
             // these again, which consumers absorb as duplicates.
-            tracing::warn!(lost = count as u64 - applied, "relay: lease expired before settling");
+            tracing::warn!(
+                lost = count as u64 - applied,
+                "relay: lease expired before settling"
+            );
         }
         Ok(report)
     }
@@ -295,13 +319,16 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         match error.disposition() {
             Disposition::Permanent => {
                 tracing::warn!(%id, %error, "relay: permanent failure, dead-lettering");
-                settlements.dead.push((claimed.receipt, format!("permanent: {error}")));
+                settlements
+                    .dead
+                    .push((claimed.receipt, format!("permanent: {error}")));
             }
             _ if self.config.retry.exhausted(attempts) => {
                 tracing::warn!(%id, %error, attempts, "relay: out of attempts, dead-lettering");
-                settlements
-                    .dead
-                    .push((claimed.receipt, format!("gave up after {attempts} attempts: {error}")));
+                settlements.dead.push((
+                    claimed.receipt,
+                    format!("gave up after {attempts} attempts: {error}"),
+                ));
             }
             disposition => {
                 let backoff = self.config.retry.backoff(attempts);
@@ -309,10 +336,12 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                     Disposition::RetryAfter(after) => after.max(backoff.min(after)),
                     _ => backoff,
                 };
-                let at = Utc::now()
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                let at =
+                    Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
                 tracing::debug!(%id, %error, attempts, ?delay, "relay: transient failure");
-                settlements.retry.push((claimed.receipt, at, error.to_string()));
+                settlements
+                    .retry
+                    .push((claimed.receipt, at, error.to_string()));
             }
         }
     }
@@ -324,7 +353,10 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         let chunk = self.publisher.max_batch_size().max(1);
         // Futures collected first: a closure in the stream would make the
         // relay's future lose `Send` (rust-lang/rust#102211).
-        let calls: Vec<_> = events.chunks(chunk).map(|events| self.publish_call(events)).collect();
+        let calls: Vec<_> = events
+            .chunks(chunk)
+            .map(|events| self.publish_call(events))
+            .collect();
         stream::iter(calls)
             .buffered(self.config.publish_concurrency)
             .flat_map(stream::iter)
@@ -341,7 +373,11 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             Err(_) => vec![Err(PublishError::transient("publish timed out")); events.len()],
         };
         if results.len() != events.len() {
-            let msg = format!("publisher returned {} results for {} events", results.len(), events.len());
+            let msg = format!(
+                "publisher returned {} results for {} events",
+                results.len(),
+                events.len()
+            );
             results.resize_with(events.len(), || Err(PublishError::transient(msg.clone())));
         }
         results

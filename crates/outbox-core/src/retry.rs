@@ -76,7 +76,10 @@ mod tests {
 
     #[test]
     fn grows_exponentially_then_caps() {
-        let p = RetryPolicy { jitter: 0.0, ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
         assert_eq!(p.delay(1, 0.3), Duration::from_millis(500));
         assert_eq!(p.delay(2, 0.3), Duration::from_secs(1));
         assert_eq!(p.delay(4, 0.9), Duration::from_secs(4));
@@ -86,19 +89,35 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_its_share() {
-        let p = RetryPolicy { jitter: 0.5, ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            jitter: 0.5,
+            ..RetryPolicy::default()
+        };
         assert_eq!(p.delay(3, 0.0), Duration::from_secs(1));
         assert_eq!(p.delay(3, 1.0), Duration::from_secs(2));
         for _ in 0..100 {
             let d = p.backoff(3);
-            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(2), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
         }
     }
 
     #[test]
     fn validates() {
         assert!(RetryPolicy::default().validate().is_ok());
-        assert!(RetryPolicy { max_attempts: 0, ..Default::default() }.validate().is_err());
-        assert!(RetryPolicy { jitter: 2.0, ..Default::default() }.validate().is_err());
+        assert!(RetryPolicy {
+            max_attempts: 0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(RetryPolicy {
+            jitter: 2.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -81,7 +81,12 @@ pub struct Settlements<R> {
 
 impl<R> Default for Settlements<R> {
     fn default() -> Self {
-        Self { published: Vec::new(), retry: Vec::new(), dead: Vec::new(), released: Vec::new() }
+        Self {
+            published: Vec::new(),
+            retry: Vec::new(),
+            dead: Vec::new(),
+            released: Vec::new(),
+        }
     }
 }
 
@@ -163,10 +168,8 @@ pub trait DeadLetters: Send + Sync {
 
     /// Makes dead letters pending again, due now, with their attempts reset.
     /// Returns how many were replayed.
-    fn replay(
-        &self,
-        which: ReplaySelector,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn replay(&self, which: ReplaySelector)
+        -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 pub trait Purge: Send + Sync {

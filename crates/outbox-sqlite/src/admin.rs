@@ -44,7 +44,11 @@ impl DeadLetters for SqliteOutbox {
             .map(|row| {
                 let (_, event, attempts) = event_from_row(row)?;
                 let last_error = sqlx::Row::try_get(row, "last_error").map_err(map)?;
-                Ok(DeadLetter { event, attempts, last_error })
+                Ok(DeadLetter {
+                    event,
+                    attempts,
+                    last_error,
+                })
             })
             .collect()
     }

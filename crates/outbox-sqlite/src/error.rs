@@ -8,7 +8,10 @@ pub(crate) fn map(e: sqlx::Error) -> StoreError {
         }
         // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with any extended code.
         sqlx::Error::Database(db)
-            if db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6)) =>
+            if db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .is_some_and(|c| matches!(c & 0xff, 5 | 6)) =>
         {
             StoreError::Unavailable(Box::new(e))
         }

@@ -25,9 +25,16 @@ pub struct SqliteInbox;
 impl Inbox for SqliteInbox {
     type Connection = SqliteConnection;
 
-    async fn record(&self, conn: &mut SqliteConnection, consumer: &str, event_id: EventId) -> Result<Seen, StoreError> {
+    async fn record(
+        &self,
+        conn: &mut SqliteConnection,
+        consumer: &str,
+        event_id: EventId,
+    ) -> Result<Seen, StoreError> {
         if consumer.is_empty() {
-            return Err(StoreError::Config("inbox consumer name must not be empty".into()));
+            return Err(StoreError::Config(
+                "inbox consumer name must not be empty".into(),
+            ));
         }
         let inserted = sqlx::query(
             "INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?)
@@ -40,7 +47,11 @@ impl Inbox for SqliteInbox {
         .await
         .map_err(map)?
         .rows_affected();
-        Ok(if inserted == 1 { Seen::First } else { Seen::Duplicate })
+        Ok(if inserted == 1 {
+            Seen::First
+        } else {
+            Seen::Duplicate
+        })
     }
 }
 

@@ -48,7 +48,9 @@ impl SqliteOutbox {
             .or_else(|| url.strip_prefix("sqlite:"))
             .unwrap_or(url);
         if path.is_empty() {
-            return Err(StoreError::Config(format!("`{url}` names no database file")));
+            return Err(StoreError::Config(format!(
+                "`{url}` names no database file"
+            )));
         }
         Self::open(Path::new(path)).await
     }
@@ -81,7 +83,11 @@ impl SqliteOutbox {
     /// applies the outbox migrations.
     pub async fn from_pool(pool: SqlitePool) -> Result<Self, StoreError> {
         migrate::run(&pool).await?;
-        Ok(Self { pool, committed: Arc::new(Notify::new()), max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES })
+        Ok(Self {
+            pool,
+            committed: Arc::new(Notify::new()),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        })
     }
 
     /// Refuses payloads larger than `bytes` at append time.
@@ -106,7 +112,11 @@ impl SqliteOutbox {
     /// Every event is checked before the first is written. Appending a
     /// version that the aggregate already has fails with
     /// [`StoreError::Conflict`]; the transaction should then be rolled back.
-    pub async fn append(&self, conn: &mut SqliteConnection, events: &[Event]) -> Result<(), StoreError> {
+    pub async fn append(
+        &self,
+        conn: &mut SqliteConnection,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
         for event in events {
             event.validate()?;
             let size = event.payload.as_str().len();
@@ -160,3 +170,8 @@ impl SqliteOutbox {
         self.committed.notify_one();
     }
 }
+
+/// The project README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ProjectReadme;

@@ -23,7 +23,7 @@ pub(crate) const EVENT_COLUMNS: &str = "position, id, aggregate_type, aggregate_
      event_type, payload, occurred_at, traceparent, correlation_id, causation_id, attempts, last_error";
 
 pub(crate) fn event_from_row(row: &SqliteRow) -> Result<(i64, Event, u32), StoreError> {
-    let get_str = |col: &str| row.try_get::<String, _>(col).map_err(|e| corrupt(e));
+    let get_str = |col: &str| row.try_get::<String, _>(col).map_err(corrupt);
     let position: i64 = row.try_get("position").map_err(corrupt)?;
     let id: EventId = get_str("id")?.parse().map_err(corrupt)?;
     let version: i64 = row.try_get("aggregate_version").map_err(corrupt)?;
@@ -35,7 +35,8 @@ pub(crate) fn event_from_row(row: &SqliteRow) -> Result<(i64, Event, u32), Store
         id,
         aggregate_type: get_str("aggregate_type")?,
         aggregate_id: get_str("aggregate_id")?,
-        aggregate_version: u64::try_from(version).map_err(|_| corrupt("negative aggregate_version"))?,
+        aggregate_version: u64::try_from(version)
+            .map_err(|_| corrupt("negative aggregate_version"))?,
         event_type: get_str("event_type")?,
         payload: Payload::from_json(get_str("payload")?).map_err(corrupt)?,
         occurred_at,
@@ -64,8 +65,9 @@ fn json_positions(positions: &[i64]) -> String {
 }
 
 fn json_failures<'a>(rows: impl Iterator<Item = (i64, Option<i64>, &'a str)>) -> String {
-    let rows: Vec<serde_json::Value> =
-        rows.map(|(p, at, err)| serde_json::json!([p, at, err])).collect();
+    let rows: Vec<serde_json::Value> = rows
+        .map(|(p, at, err)| serde_json::json!([p, at, err]))
+        .collect();
     serde_json::Value::Array(rows).to_string()
 }
 
@@ -144,7 +146,10 @@ impl ClaimSource for SqliteOutbox {
             .rows_affected();
         }
         if !s.retry.is_empty() {
-            let rows = s.retry.iter().map(|(p, at, e)| (*p, Some(at.timestamp_millis()), e.as_str()));
+            let rows = s
+                .retry
+                .iter()
+                .map(|(p, at, e)| (*p, Some(at.timestamp_millis()), e.as_str()));
             applied += sqlx::query(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = f.at,
                         last_error = f.err, lease_id = NULL

@@ -12,7 +12,9 @@ struct Sqlite {
 impl Sqlite {
     async fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let outbox = SqliteOutbox::open(&dir.path().join("outbox.db")).await.expect("open");
+        let outbox = SqliteOutbox::open(&dir.path().join("outbox.db"))
+            .await
+            .expect("open");
         sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY)")
             .execute(outbox.pool())
             .await
@@ -34,7 +36,11 @@ impl StoreHarness for Sqlite {
 
     async fn write(&self, key: &str, events: &[Event], commit: bool) -> Result<(), StoreError> {
         let mut tx = self.outbox.begin().await?;
-        sqlx::query("INSERT INTO orders (id) VALUES (?)").bind(key).execute(&mut *tx).await.map_err(db)?;
+        sqlx::query("INSERT INTO orders (id) VALUES (?)")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         // On error `tx` is dropped, which rolls it back.
         self.outbox.append(&mut tx, events).await?;
         if commit {
@@ -53,7 +59,12 @@ impl StoreHarness for Sqlite {
         Ok(n == 1)
     }
 
-    async fn inbox_record(&self, consumer: &str, id: EventId, commit: bool) -> Result<Seen, StoreError> {
+    async fn inbox_record(
+        &self,
+        consumer: &str,
+        id: EventId,
+        commit: bool,
+    ) -> Result<Seen, StoreError> {
         let mut tx = self.outbox.begin().await?;
         let seen = SqliteInbox.record(&mut tx, consumer, id).await?;
         if commit {

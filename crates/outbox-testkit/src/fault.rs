@@ -48,10 +48,16 @@ pub struct InjectedFaults {
 impl InjectedFaults {
     /// Every failure reported to the relay, in events.
     pub fn total(&self) -> u64 {
-        [&self.transient, &self.permanent, &self.retry_after, &self.lost_acks, &self.hangs]
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
+        [
+            &self.transient,
+            &self.permanent,
+            &self.retry_after,
+            &self.lost_acks,
+            &self.hangs,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
     }
 }
 
@@ -66,7 +72,12 @@ pub struct FaultyPublisher<P> {
 
 impl<P: Publisher> FaultyPublisher<P> {
     pub fn new(inner: P) -> Self {
-        Self { inner, scripted: Arc::default(), chaos: Chaos::default(), injected: Arc::default() }
+        Self {
+            inner,
+            scripted: Arc::default(),
+            chaos: Chaos::default(),
+            injected: Arc::default(),
+        }
     }
 
     pub fn with_chaos(mut self, chaos: Chaos) -> Self {
@@ -97,7 +108,12 @@ impl<P: Publisher> FaultyPublisher<P> {
     }
 
     fn next_fault(&self, event: &Event) -> Option<Fault> {
-        if let Some(f) = self.scripted.lock().ok().and_then(|mut s| s.get_mut(&event.id)?.pop_front()) {
+        if let Some(f) = self
+            .scripted
+            .lock()
+            .ok()
+            .and_then(|mut s| s.get_mut(&event.id)?.pop_front())
+        {
             return Some(f);
         }
         if self.is_poison(&event.id) {
@@ -121,10 +137,13 @@ impl<P: Publisher> Publisher for FaultyPublisher<P> {
 
     async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
         if self.chaos.hang_rate > 0.0 && fastrand::f64() < self.chaos.hang_rate {
-            self.injected.hangs.fetch_add(request.events.len() as u64, Ordering::Relaxed);
+            self.injected
+                .hangs
+                .fetch_add(request.events.len() as u64, Ordering::Relaxed);
             tokio::time::sleep(self.chaos.hang_for).await;
         }
-        let faults: Vec<Option<Fault>> = request.events.iter().map(|e| self.next_fault(e)).collect();
+        let faults: Vec<Option<Fault>> =
+            request.events.iter().map(|e| self.next_fault(e)).collect();
         // Forward what the broker would receive: no fault, or a lost ack.
         let forward: Vec<Event> = request
             .events
@@ -133,14 +152,20 @@ impl<P: Publisher> Publisher for FaultyPublisher<P> {
             .filter(|(_, f)| matches!(f, None | Some(Fault::LostAck)))
             .map(|(e, _)| e.clone())
             .collect();
-        let mut inner_results = self.inner.publish(PublishRequest::new(&forward)).await.into_iter();
+        let mut inner_results = self
+            .inner
+            .publish(PublishRequest::new(&forward))
+            .await
+            .into_iter();
         let count = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
         };
         faults
             .into_iter()
             .map(|fault| match fault {
-                None => inner_results.next().unwrap_or_else(|| Err(PublishError::transient("missing result"))),
+                None => inner_results
+                    .next()
+                    .unwrap_or_else(|| Err(PublishError::transient("missing result"))),
                 Some(Fault::LostAck) => {
                     let _ = inner_results.next();
                     count(&self.injected.lost_acks);

@@ -47,7 +47,9 @@ pub async fn batch_is_delivered_whole<H: PublisherHarness>(h: H, _: PublisherFea
     let events: Vec<Event> = (0..n)
         .map(|i| {
             let mut e = order_event(&unique("o"), 1, "OrderCreated");
-            e.metadata.traceparent = Some(format!("00-4bf92f3577b34da6a3ce929d0e0e47{i:02}-00f067aa0ba902b7-01"));
+            e.metadata.traceparent = Some(format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e47{i:02}-00f067aa0ba902b7-01"
+            ));
             e
         })
         .collect();
@@ -59,7 +61,9 @@ pub async fn batch_is_delivered_whole<H: PublisherHarness>(h: H, _: PublisherFea
     let received = h.receive(n, WAIT).await;
     let by_id: HashMap<_, _> = received.iter().map(|r| (r.event.id, &r.event)).collect();
     for e in &events {
-        let got = by_id.get(&e.id).unwrap_or_else(|| panic!("event {} not delivered", e.id));
+        let got = by_id
+            .get(&e.id)
+            .unwrap_or_else(|| panic!("event {} not delivered", e.id));
         assert_eq!(*got, e, "the envelope changed on the way");
     }
 }
@@ -69,7 +73,10 @@ pub async fn sequential_calls_keep_order<H: PublisherHarness>(h: H, _: Publisher
     let agg = unique("o");
     for v in 1..=5 {
         let e = order_event(&agg, v, "OrderUpdated");
-        let results = h.publisher().publish(PublishRequest::new(std::slice::from_ref(&e))).await;
+        let results = h
+            .publisher()
+            .publish(PublishRequest::new(std::slice::from_ref(&e)))
+            .await;
         assert!(results[0].is_ok(), "{results:?}");
     }
     let versions: Vec<u64> = h
@@ -84,7 +91,11 @@ pub async fn sequential_calls_keep_order<H: PublisherHarness>(h: H, _: Publisher
 
 /// An empty call is answered with no results and sends nothing.
 pub async fn empty_batch_is_a_no_op<H: PublisherHarness>(h: H, _: PublisherFeatures) {
-    assert!(h.publisher().publish(PublishRequest::new(&[])).await.is_empty());
+    assert!(h
+        .publisher()
+        .publish(PublishRequest::new(&[]))
+        .await
+        .is_empty());
 }
 
 /// The same event id published twice is delivered once.
@@ -94,7 +105,10 @@ pub async fn broker_drops_duplicates<H: PublisherHarness>(h: H, features: Publis
     }
     let e = order_event(&unique("o"), 1, "OrderCreated");
     for _ in 0..2 {
-        let results = h.publisher().publish(PublishRequest::new(std::slice::from_ref(&e))).await;
+        let results = h
+            .publisher()
+            .publish(PublishRequest::new(std::slice::from_ref(&e)))
+            .await;
         assert!(results[0].is_ok(), "{results:?}");
     }
     let received = h.receive(2, Duration::from_secs(2)).await;
@@ -103,15 +117,22 @@ pub async fn broker_drops_duplicates<H: PublisherHarness>(h: H, features: Publis
 
 /// An oversized entry fails alone, permanently; the rest of its call succeeds.
 pub async fn oversized_entry_fails_alone<H: PublisherHarness>(h: H, features: PublisherFeatures) {
-    let Some(max) = features.max_entry_bytes else { return };
+    let Some(max) = features.max_entry_bytes else {
+        return;
+    };
     let small = order_event(&unique("o"), 1, "OrderCreated");
     let big = Event::builder("Order", unique("o"), 1, "OrderCreated")
         .payload(&serde_json::json!({ "blob": "x".repeat(max) }))
         .build()
         .expect("event");
-    let results = h.publisher().publish(PublishRequest::new(&[small.clone(), big])).await;
+    let results = h
+        .publisher()
+        .publish(PublishRequest::new(&[small.clone(), big]))
+        .await;
     assert!(results[0].is_ok(), "{results:?}");
-    let err = results[1].as_ref().expect_err("an oversized entry was accepted");
+    let err = results[1]
+        .as_ref()
+        .expect_err("an oversized entry was accepted");
     assert_eq!(err.disposition(), Disposition::Permanent);
     let received = h.receive(1, WAIT).await;
     assert!(received.iter().any(|r| r.event.id == small.id));

@@ -33,7 +33,10 @@ impl RecordingPublisher {
 
     /// `(aggregate_id, version)` of everything received, in order.
     pub fn versions(&self) -> Vec<(String, u64)> {
-        self.received().into_iter().map(|e| (e.aggregate_id, e.aggregate_version)).collect()
+        self.received()
+            .into_iter()
+            .map(|e| (e.aggregate_id, e.aggregate_version))
+            .collect()
     }
 }
 

@@ -29,7 +29,10 @@ pub struct StoreFeatures {
 
 impl StoreFeatures {
     pub fn all() -> Self {
-        Self { concurrent_relays: true, version_conflicts: true }
+        Self {
+            concurrent_relays: true,
+            version_conflicts: true,
+        }
     }
 }
 
@@ -42,17 +45,35 @@ pub trait StoreHarness: Send + Sync + 'static {
     /// In ONE transaction: writes business row `key` and appends `events`,
     /// then commits if `commit`, else rolls back. On an append error the
     /// transaction is rolled back and the error returned.
-    fn write(&self, key: &str, events: &[Event], commit: bool) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn write(
+        &self,
+        key: &str,
+        events: &[Event],
+        commit: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    fn business_row_exists(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn business_row_exists(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Records `id` in consumer `consumer`'s inbox in a transaction that
     /// commits if `commit`, else rolls back.
-    fn inbox_record(&self, consumer: &str, id: EventId, commit: bool) -> impl Future<Output = Result<Seen, StoreError>> + Send;
+    fn inbox_record(
+        &self,
+        consumer: &str,
+        id: EventId,
+        commit: bool,
+    ) -> impl Future<Output = Result<Seen, StoreError>> + Send;
 }
 
 fn fast_retry() -> RetryPolicy {
-    RetryPolicy { initial: Duration::from_millis(20), max_delay: Duration::from_millis(50), jitter: 0.0, ..RetryPolicy::default() }
+    RetryPolicy {
+        initial: Duration::from_millis(20),
+        max_delay: Duration::from_millis(50),
+        jitter: 0.0,
+        ..RetryPolicy::default()
+    }
 }
 
 fn relay_config() -> RelayConfig {
@@ -60,7 +81,9 @@ fn relay_config() -> RelayConfig {
 }
 
 async fn commit<H: StoreHarness>(h: &H, key: &str, events: &[Event]) {
-    h.write(key, events, true).await.unwrap_or_else(|e| panic!("write of {key} failed: {e}"));
+    h.write(key, events, true)
+        .await
+        .unwrap_or_else(|e| panic!("write of {key} failed: {e}"));
 }
 
 async fn stats<H: StoreHarness>(h: &H) -> outbox_core::OutboxStats {
@@ -69,14 +92,20 @@ async fn stats<H: StoreHarness>(h: &H) -> outbox_core::OutboxStats {
 
 /// Drains until nothing is pending or `deadline` passes; events backing off
 /// are waited for.
-async fn drain_until_settled<S: ClaimSource + Stats, P: outbox_core::Publisher>(relay: &Relay<S, P>, deadline: Duration) {
+async fn drain_until_settled<S: ClaimSource + Stats, P: outbox_core::Publisher>(
+    relay: &Relay<S, P>,
+    deadline: Duration,
+) {
     let until = tokio::time::Instant::now() + deadline;
     loop {
         relay.drain().await.expect("drain");
         if relay.source().stats().await.expect("stats").pending == 0 {
             return;
         }
-        assert!(tokio::time::Instant::now() < until, "events still pending after {deadline:?}");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "events still pending after {deadline:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -85,7 +114,10 @@ fn assert_in_aggregate_order(versions: &[(String, u64)]) {
     let mut last: HashMap<&str, u64> = HashMap::new();
     for (agg, v) in versions {
         let prev = last.insert(agg, *v).unwrap_or(0);
-        assert!(*v > prev, "aggregate {agg}: version {v} published after {prev}; sequence {versions:?}");
+        assert!(
+            *v > prev,
+            "aggregate {agg}: version {v} published after {prev}; sequence {versions:?}"
+        );
     }
 }
 
@@ -93,23 +125,44 @@ fn assert_in_aggregate_order(versions: &[(String, u64)]) {
 /// back exactly as written.
 pub async fn atomic_with_business_change<H: StoreHarness>(h: H, _: StoreFeatures) {
     let rolled_back = order_event("o-1", 1, "OrderCreated");
-    h.write("o-1", std::slice::from_ref(&rolled_back), false).await.expect("write");
-    assert!(!h.business_row_exists("o-1").await.expect("read"), "rolled-back business row is visible");
-    assert_eq!(stats(&h).await.pending, 0, "an event of a rolled-back transaction was stored");
-    let claimed = h.store().claim(ClaimRequest::new(10, Duration::from_secs(5))).await.expect("claim");
+    h.write("o-1", std::slice::from_ref(&rolled_back), false)
+        .await
+        .expect("write");
+    assert!(
+        !h.business_row_exists("o-1").await.expect("read"),
+        "rolled-back business row is visible"
+    );
+    assert_eq!(
+        stats(&h).await.pending,
+        0,
+        "an event of a rolled-back transaction was stored"
+    );
+    let claimed = h
+        .store()
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
     assert!(claimed.events.is_empty());
 
     let mut committed = order_event("o-2", 1, "OrderCreated");
-    committed.metadata.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    committed.metadata.traceparent =
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
     committed.metadata.causation_id = Some("cmd-1".into());
     commit(&h, "o-2", std::slice::from_ref(&committed)).await;
     assert!(h.business_row_exists("o-2").await.expect("read"));
     let s = stats(&h).await;
     assert_eq!(s.pending, 1);
     assert!(s.oldest_pending_at.is_some());
-    let claimed = h.store().claim(ClaimRequest::new(10, Duration::from_secs(5))).await.expect("claim");
+    let claimed = h
+        .store()
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
     assert_eq!(claimed.events.len(), 1);
-    assert_eq!(claimed.events[0].event, committed, "the event did not read back as written");
+    assert_eq!(
+        claimed.events[0].event, committed,
+        "the event did not read back as written"
+    );
     assert_eq!(claimed.events[0].attempts, 0);
 }
 
@@ -118,8 +171,14 @@ pub async fn invalid_events_write_nothing<H: StoreHarness>(h: H, _: StoreFeature
     let good = order_event("o-1", 1, "OrderCreated");
     let mut bad = order_event("o-1", 2, "OrderPaid");
     bad.aggregate_id = String::new();
-    let err = h.write("o-1", &[good, bad], true).await.expect_err("an event without aggregate id was accepted");
-    assert!(matches!(err, StoreError::Invalid(_)), "expected Invalid, got {err:?}");
+    let err = h
+        .write("o-1", &[good, bad], true)
+        .await
+        .expect_err("an event without aggregate id was accepted");
+    assert!(
+        matches!(err, StoreError::Invalid(_)),
+        "expected Invalid, got {err:?}"
+    );
     assert!(!h.business_row_exists("o-1").await.expect("read"));
     assert_eq!(stats(&h).await.pending, 0);
 }
@@ -131,8 +190,14 @@ pub async fn version_conflict_is_refused<H: StoreHarness>(h: H, features: StoreF
         return;
     }
     commit(&h, "first", &[order_event("o-1", 1, "OrderCreated")]).await;
-    let err = h.write("second", &[order_event("o-1", 1, "OrderCreated")], true).await.expect_err("duplicate version accepted");
-    assert!(matches!(err, StoreError::Conflict(_)), "expected Conflict, got {err:?}");
+    let err = h
+        .write("second", &[order_event("o-1", 1, "OrderCreated")], true)
+        .await
+        .expect_err("duplicate version accepted");
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "expected Conflict, got {err:?}"
+    );
     assert!(!h.business_row_exists("second").await.expect("read"));
     assert_eq!(stats(&h).await.pending, 1);
 }
@@ -142,12 +207,25 @@ pub async fn version_conflict_is_refused<H: StoreHarness>(h: H, features: StoreF
 pub async fn publishes_in_aggregate_order<H: StoreHarness>(h: H, _: StoreFeatures) {
     for v in 1..=5 {
         for agg in ["a", "b", "c"] {
-            commit(&h, &format!("{agg}{v}"), &[order_event(agg, v, "OrderUpdated")]).await;
+            commit(
+                &h,
+                &format!("{agg}{v}"),
+                &[order_event(agg, v, "OrderUpdated")],
+            )
+            .await;
         }
     }
-    commit(&h, "d", &(1..=4).map(|v| order_event("d", v, "OrderUpdated")).collect::<Vec<_>>()).await;
+    commit(
+        &h,
+        "d",
+        &(1..=4)
+            .map(|v| order_event("d", v, "OrderUpdated"))
+            .collect::<Vec<_>>(),
+    )
+    .await;
     let publisher = RecordingPublisher::new();
-    let relay = Relay::new(h.store(), publisher.clone(), relay_config().batch_size(7)).expect("relay");
+    let relay =
+        Relay::new(h.store(), publisher.clone(), relay_config().batch_size(7)).expect("relay");
     relay.drain().await.expect("drain");
     let versions = publisher.versions();
     assert_eq!(versions.len(), 19, "{versions:?}");
@@ -159,18 +237,31 @@ pub async fn publishes_in_aggregate_order<H: StoreHarness>(h: H, _: StoreFeature
 /// A failing event holds back the later events of its own aggregate only;
 /// after its backoff it succeeds and the rest follow in order.
 pub async fn failure_holds_back_only_its_aggregate<H: StoreHarness>(h: H, _: StoreFeatures) {
-    let a: Vec<Event> = (1..=3).map(|v| order_event("a", v, "OrderUpdated")).collect();
-    let b: Vec<Event> = (1..=3).map(|v| order_event("b", v, "OrderUpdated")).collect();
+    let a: Vec<Event> = (1..=3)
+        .map(|v| order_event("a", v, "OrderUpdated"))
+        .collect();
+    let b: Vec<Event> = (1..=3)
+        .map(|v| order_event("b", v, "OrderUpdated"))
+        .collect();
     commit(&h, "a", &a).await;
     commit(&h, "b", &b).await;
     let publisher = FaultyPublisher::new(RecordingPublisher::new());
     publisher.script(a[0].id, [Fault::Transient, Fault::Transient]);
-    let retry = RetryPolicy { initial: Duration::from_millis(200), max_delay: Duration::from_millis(200), ..fast_retry() };
-    let relay = Relay::new(h.store(), publisher.clone(), relay_config().retry(retry)).expect("relay");
+    let retry = RetryPolicy {
+        initial: Duration::from_millis(200),
+        max_delay: Duration::from_millis(200),
+        ..fast_retry()
+    };
+    let relay =
+        Relay::new(h.store(), publisher.clone(), relay_config().retry(retry)).expect("relay");
 
     relay.drain().await.expect("drain");
     let versions = publisher.inner().versions();
-    assert_eq!(versions, vec![("b".into(), 1), ("b".into(), 2), ("b".into(), 3)], "only b may flow while a backs off");
+    assert_eq!(
+        versions,
+        vec![("b".into(), 1), ("b".into(), 2), ("b".into(), 3)],
+        "only b may flow while a backs off"
+    );
     assert_eq!(stats(&h).await.pending, 3);
 
     drain_until_settled(&relay, Duration::from_secs(5)).await;
@@ -191,7 +282,10 @@ pub async fn retry_after_is_honoured<H: StoreHarness>(h: H, _: StoreFeatures) {
     relay.drain().await.expect("drain");
     tokio::time::sleep(Duration::from_millis(150)).await;
     relay.drain().await.expect("drain");
-    assert!(publisher.inner().received().is_empty(), "published before its retry-after");
+    assert!(
+        publisher.inner().received().is_empty(),
+        "published before its retry-after"
+    );
     drain_until_settled(&relay, Duration::from_secs(5)).await;
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert_eq!(publisher.inner().received().len(), 1);
@@ -200,7 +294,9 @@ pub async fn retry_after_is_honoured<H: StoreHarness>(h: H, _: StoreFeatures) {
 /// A permanent failure dead-letters the event at once, with its error; the
 /// aggregate's later events still flow; a replay publishes it.
 pub async fn dead_letter_then_replay<H: StoreHarness>(h: H, _: StoreFeatures) {
-    let events: Vec<Event> = (1..=2).map(|v| order_event("a", v, "OrderUpdated")).collect();
+    let events: Vec<Event> = (1..=2)
+        .map(|v| order_event("a", v, "OrderUpdated"))
+        .collect();
     commit(&h, "a", &events).await;
     let publisher = FaultyPublisher::new(RecordingPublisher::new());
     publisher.script(events[0].id, [Fault::Permanent]);
@@ -217,11 +313,21 @@ pub async fn dead_letter_then_replay<H: StoreHarness>(h: H, _: StoreFeatures) {
     let error = dead[0].last_error.as_deref().unwrap_or_default();
     assert!(error.contains("rejected"), "last error not kept: {error:?}");
 
-    let replayed = h.store().replay(ReplaySelector::Ids(vec![events[0].id])).await.expect("replay");
+    let replayed = h
+        .store()
+        .replay(ReplaySelector::Ids(vec![events[0].id]))
+        .await
+        .expect("replay");
     assert_eq!(replayed, 1);
-    assert_eq!(h.store().replay(ReplaySelector::All).await.expect("replay"), 0);
+    assert_eq!(
+        h.store().replay(ReplaySelector::All).await.expect("replay"),
+        0
+    );
     drain_until_settled(&relay, Duration::from_secs(5)).await;
-    assert_eq!(publisher.inner().versions(), vec![("a".into(), 2), ("a".into(), 1)]);
+    assert_eq!(
+        publisher.inner().versions(),
+        vec![("a".into(), 2), ("a".into(), 1)]
+    );
     let s = stats(&h).await;
     assert_eq!((s.pending, s.published, s.dead), (0, 2, 0));
 }
@@ -232,32 +338,81 @@ pub async fn attempts_run_out<H: StoreHarness>(h: H, _: StoreFeatures) {
     commit(&h, "a", std::slice::from_ref(&e)).await;
     let publisher = FaultyPublisher::new(RecordingPublisher::new());
     publisher.script(e.id, std::iter::repeat_n(Fault::Transient, 10));
-    let relay = Relay::new(h.store(), publisher.clone(), relay_config().max_attempts(3)).expect("relay");
+    let relay =
+        Relay::new(h.store(), publisher.clone(), relay_config().max_attempts(3)).expect("relay");
     drain_until_settled(&relay, Duration::from_secs(5)).await;
     let dead = h.store().dead_letters(10).await.expect("dead letters");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 3);
-    assert!(dead[0].last_error.as_deref().unwrap_or_default().contains("gave up after 3 attempts"));
-    assert_eq!(publisher.injected().transient.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert!(dead[0]
+        .last_error
+        .as_deref()
+        .unwrap_or_default()
+        .contains("gave up after 3 attempts"));
+    assert_eq!(
+        publisher
+            .injected()
+            .transient
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
 }
 
 /// A relay that dies holding a claim delays its events by the lease only;
 /// its late settlement is ignored once another relay has taken over.
 pub async fn expired_lease_is_reclaimed<H: StoreHarness>(h: H, _: StoreFeatures) {
-    commit(&h, "a", &[order_event("a", 1, "OrderCreated"), order_event("a", 2, "OrderPaid")]).await;
+    commit(
+        &h,
+        "a",
+        &[
+            order_event("a", 1, "OrderCreated"),
+            order_event("a", 2, "OrderPaid"),
+        ],
+    )
+    .await;
     let store = h.store();
-    let first = store.claim(ClaimRequest::new(10, Duration::from_millis(300))).await.expect("claim");
+    let first = store
+        .claim(ClaimRequest::new(10, Duration::from_millis(300)))
+        .await
+        .expect("claim");
     assert_eq!(first.events.len(), 2);
-    let again = store.claim(ClaimRequest::new(10, Duration::from_secs(5))).await.expect("claim");
-    assert!(again.events.is_empty(), "claimed events were handed out twice");
+    let again = store
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
+    assert!(
+        again.events.is_empty(),
+        "claimed events were handed out twice"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let second = store.claim(ClaimRequest::new(10, Duration::from_secs(5))).await.expect("claim");
-    let versions: Vec<u64> = second.events.iter().map(|c| c.event.aggregate_version).collect();
-    assert_eq!(versions, vec![1, 2], "expired claim not handed out again in order");
+    let second = store
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
+    let versions: Vec<u64> = second
+        .events
+        .iter()
+        .map(|c| c.event.aggregate_version)
+        .collect();
+    assert_eq!(
+        versions,
+        vec![1, 2],
+        "expired claim not handed out again in order"
+    );
 
-    let stale = Settlements { published: first.events.iter().map(|c| c.receipt.clone()).collect(), ..Settlements::default() };
-    assert_eq!(store.settle(first.lease, stale).await.expect("settle"), 0, "a stale lease settled events");
-    let fresh = Settlements { published: second.events.iter().map(|c| c.receipt.clone()).collect(), ..Settlements::default() };
+    let stale = Settlements {
+        published: first.events.iter().map(|c| c.receipt.clone()).collect(),
+        ..Settlements::default()
+    };
+    assert_eq!(
+        store.settle(first.lease, stale).await.expect("settle"),
+        0,
+        "a stale lease settled events"
+    );
+    let fresh = Settlements {
+        published: second.events.iter().map(|c| c.receipt.clone()).collect(),
+        ..Settlements::default()
+    };
     assert_eq!(store.settle(second.lease, fresh).await.expect("settle"), 2);
     assert_eq!(stats(&h).await.published, 2);
 }
@@ -266,10 +421,22 @@ pub async fn expired_lease_is_reclaimed<H: StoreHarness>(h: H, _: StoreFeatures)
 pub async fn released_events_are_due_again<H: StoreHarness>(h: H, _: StoreFeatures) {
     commit(&h, "a", &[order_event("a", 1, "OrderCreated")]).await;
     let store = h.store();
-    let claimed = store.claim(ClaimRequest::new(10, Duration::from_secs(30))).await.expect("claim");
-    let released = Settlements { released: claimed.events.iter().map(|c| c.receipt.clone()).collect(), ..Settlements::default() };
-    assert_eq!(store.settle(claimed.lease, released).await.expect("settle"), 1);
-    let again = store.claim(ClaimRequest::new(10, Duration::from_secs(30))).await.expect("claim");
+    let claimed = store
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    let released = Settlements {
+        released: claimed.events.iter().map(|c| c.receipt.clone()).collect(),
+        ..Settlements::default()
+    };
+    assert_eq!(
+        store.settle(claimed.lease, released).await.expect("settle"),
+        1
+    );
+    let again = store
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
     assert_eq!(again.events.len(), 1);
     assert_eq!(again.events[0].attempts, 0);
 }
@@ -277,14 +444,35 @@ pub async fn released_events_are_due_again<H: StoreHarness>(h: H, _: StoreFeatur
 /// On shutdown the relay finishes its publish call in flight and releases
 /// the rest of its batch, so the next relay starts at once.
 pub async fn shutdown_releases_in_flight_work<H: StoreHarness>(h: H, _: StoreFeatures) {
-    commit(&h, "a", &(1..=3).map(|v| order_event("a", v, "OrderUpdated")).collect::<Vec<_>>()).await;
+    commit(
+        &h,
+        "a",
+        &(1..=3)
+            .map(|v| order_event("a", v, "OrderUpdated"))
+            .collect::<Vec<_>>(),
+    )
+    .await;
     let publisher = RecordingPublisher::new().with_latency(Duration::from_millis(300));
     let relay = Relay::new(h.store(), publisher.clone(), relay_config()).expect("relay");
-    let report = relay.run(tokio::time::sleep(Duration::from_millis(100))).await.expect("run");
-    assert_eq!(report.published, 1, "the call in flight should finish: {report:?}");
+    let report = relay
+        .run(tokio::time::sleep(Duration::from_millis(100)))
+        .await
+        .expect("run");
+    assert_eq!(
+        report.published, 1,
+        "the call in flight should finish: {report:?}"
+    );
     assert_eq!(report.released, 2, "{report:?}");
-    let next = h.store().claim(ClaimRequest::new(10, Duration::from_secs(5))).await.expect("claim");
-    let versions: Vec<u64> = next.events.iter().map(|c| c.event.aggregate_version).collect();
+    let next = h
+        .store()
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
+    let versions: Vec<u64> = next
+        .events
+        .iter()
+        .map(|c| c.event.aggregate_version)
+        .collect();
     assert_eq!(versions, vec![2, 3], "released events must be due at once");
 }
 
@@ -298,13 +486,19 @@ pub async fn concurrent_relays_keep_order<H: StoreHarness>(h: H, features: Store
     let versions_each = 8;
     for v in 1..=versions_each {
         for a in 0..aggregates {
-            commit(&h, &format!("{a}-{v}"), &[order_event(&format!("agg-{a}"), v, "OrderUpdated")]).await;
+            commit(
+                &h,
+                &format!("{a}-{v}"),
+                &[order_event(&format!("agg-{a}"), v, "OrderUpdated")],
+            )
+            .await;
         }
     }
     let publisher = RecordingPublisher::new().with_latency(Duration::from_millis(2));
     let mut relays = Vec::new();
     for _ in 0..3 {
-        let relay = Relay::new(h.store(), publisher.clone(), relay_config().batch_size(5)).expect("relay");
+        let relay =
+            Relay::new(h.store(), publisher.clone(), relay_config().batch_size(5)).expect("relay");
         relays.push(tokio::spawn(async move { relay.drain().await }));
     }
     for r in relays {
@@ -313,13 +507,19 @@ pub async fn concurrent_relays_keep_order<H: StoreHarness>(h: H, features: Store
     let relay = Relay::new(h.store(), publisher.clone(), relay_config()).expect("relay");
     drain_until_settled(&relay, Duration::from_secs(10)).await;
     let versions = publisher.versions();
-    assert_eq!(versions.len() as u64, aggregates * versions_each, "lost or duplicated events");
+    assert_eq!(
+        versions.len() as u64,
+        aggregates * versions_each,
+        "lost or duplicated events"
+    );
     assert_in_aggregate_order(&versions);
 }
 
 /// Purging removes published events older than the cut-off, nothing else.
 pub async fn purge_removes_only_old_published<H: StoreHarness>(h: H, _: StoreFeatures) {
-    let events: Vec<Event> = (1..=3).map(|v| order_event("a", v, "OrderUpdated")).collect();
+    let events: Vec<Event> = (1..=3)
+        .map(|v| order_event("a", v, "OrderUpdated"))
+        .collect();
     commit(&h, "a", &events).await;
     let publisher = FaultyPublisher::new(RecordingPublisher::new());
     publisher.script(events[1].id, [Fault::Permanent]);
@@ -328,9 +528,21 @@ pub async fn purge_removes_only_old_published<H: StoreHarness>(h: H, _: StoreFea
     commit(&h, "b", &[order_event("b", 1, "OrderCreated")]).await;
 
     let store = h.store();
-    assert_eq!(store.purge_published(Utc::now() - chrono::Duration::hours(1)).await.expect("purge"), 0);
+    assert_eq!(
+        store
+            .purge_published(Utc::now() - chrono::Duration::hours(1))
+            .await
+            .expect("purge"),
+        0
+    );
     // Published a moment ago: a cut-off of now + 1 s covers them.
-    assert_eq!(store.purge_published(Utc::now() + chrono::Duration::seconds(1)).await.expect("purge"), 2);
+    assert_eq!(
+        store
+            .purge_published(Utc::now() + chrono::Duration::seconds(1))
+            .await
+            .expect("purge"),
+        2
+    );
     let s = stats(&h).await;
     assert_eq!((s.pending, s.published, s.dead), (1, 0, 1));
 }
@@ -339,12 +551,33 @@ pub async fn purge_removes_only_old_published<H: StoreHarness>(h: H, _: StoreFea
 /// transaction commits.
 pub async fn inbox_deduplicates<H: StoreHarness>(h: H, _: StoreFeatures) {
     let id = EventId::new();
-    assert_eq!(h.inbox_record("shipping", id, true).await.expect("record"), Seen::First);
-    assert_eq!(h.inbox_record("shipping", id, true).await.expect("record"), Seen::Duplicate);
-    assert_eq!(h.inbox_record("billing", id, true).await.expect("record"), Seen::First, "consumers are independent");
+    assert_eq!(
+        h.inbox_record("shipping", id, true).await.expect("record"),
+        Seen::First
+    );
+    assert_eq!(
+        h.inbox_record("shipping", id, true).await.expect("record"),
+        Seen::Duplicate
+    );
+    assert_eq!(
+        h.inbox_record("billing", id, true).await.expect("record"),
+        Seen::First,
+        "consumers are independent"
+    );
     let other = EventId::new();
-    assert_eq!(h.inbox_record("shipping", other, false).await.expect("record"), Seen::First);
-    assert_eq!(h.inbox_record("shipping", other, true).await.expect("record"), Seen::First, "a rolled-back record was kept");
+    assert_eq!(
+        h.inbox_record("shipping", other, false)
+            .await
+            .expect("record"),
+        Seen::First
+    );
+    assert_eq!(
+        h.inbox_record("shipping", other, true)
+            .await
+            .expect("record"),
+        Seen::First,
+        "a rolled-back record was kept"
+    );
 }
 
 /// Runs every case of the store suite as its own test.

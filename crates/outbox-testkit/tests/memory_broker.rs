@@ -8,7 +8,10 @@ use std::time::Duration;
 use outbox_core::cloudevents::{self, Received};
 use outbox_core::publishers::{memory_broker, MemoryPublisher, MemorySubscriber};
 use outbox_core::{Disposition, PublishRequest, Publisher};
-use outbox_testkit::{order_event, Chaos, Fault, FaultyPublisher, PublisherFeatures, PublisherHarness, RecordingPublisher};
+use outbox_testkit::{
+    order_event, Chaos, Fault, FaultyPublisher, PublisherFeatures, PublisherHarness,
+    RecordingPublisher,
+};
 use tokio::sync::Mutex;
 
 struct Memory {
@@ -19,7 +22,10 @@ struct Memory {
 impl Memory {
     async fn new() -> Self {
         let (publisher, subscriber) = memory_broker("urn:test");
-        Self { publisher, subscriber: Arc::new(Mutex::new((subscriber, Vec::new()))) }
+        Self {
+            publisher,
+            subscriber: Arc::new(Mutex::new((subscriber, Vec::new()))),
+        }
     }
 }
 
@@ -50,7 +56,14 @@ outbox_testkit::publisher_conformance!(Memory::new, PublisherFeatures::default()
 async fn scripted_faults_come_in_order_then_stop() {
     let faulty = FaultyPublisher::new(RecordingPublisher::new());
     let e = order_event("a", 1, "OrderCreated");
-    faulty.script(e.id, [Fault::Transient, Fault::RetryAfter(Duration::from_secs(3)), Fault::LostAck]);
+    faulty.script(
+        e.id,
+        [
+            Fault::Transient,
+            Fault::RetryAfter(Duration::from_secs(3)),
+            Fault::LostAck,
+        ],
+    );
     let events = [e.clone(), order_event("b", 1, "OrderCreated")];
     let mut dispositions = Vec::new();
     for _ in 0..4 {
@@ -68,7 +81,12 @@ async fn scripted_faults_come_in_order_then_stop() {
         ]
     );
     // The lost acknowledgement still reached the broker: a duplicate to come.
-    let to_a = faulty.inner().versions().iter().filter(|(agg, _)| agg == "a").count();
+    let to_a = faulty
+        .inner()
+        .versions()
+        .iter()
+        .filter(|(agg, _)| agg == "a")
+        .count();
     assert_eq!(to_a, 2);
     let injected = faulty.injected();
     assert_eq!(injected.lost_acks.load(Ordering::Relaxed), 1);
@@ -77,15 +95,30 @@ async fn scripted_faults_come_in_order_then_stop() {
 
 #[tokio::test]
 async fn poison_events_are_always_rejected_and_never_delivered() {
-    let faulty = FaultyPublisher::new(RecordingPublisher::new()).with_chaos(Chaos { poison_rate: 0.2, ..Chaos::default() });
-    let events: Vec<_> = (0..500).map(|i| order_event(&format!("o{i}"), 1, "OrderCreated")).collect();
+    let faulty = FaultyPublisher::new(RecordingPublisher::new()).with_chaos(Chaos {
+        poison_rate: 0.2,
+        ..Chaos::default()
+    });
+    let events: Vec<_> = (0..500)
+        .map(|i| order_event(&format!("o{i}"), 1, "OrderCreated"))
+        .collect();
     let first = faulty.publish(PublishRequest::new(&events)).await;
     let second = faulty.publish(PublishRequest::new(&events)).await;
     let rejected: Vec<bool> = first.iter().map(|r| r.is_err()).collect();
-    assert_eq!(rejected, second.iter().map(|r| r.is_err()).collect::<Vec<_>>(), "poison must be stable");
+    assert_eq!(
+        rejected,
+        second.iter().map(|r| r.is_err()).collect::<Vec<_>>(),
+        "poison must be stable"
+    );
     let count = rejected.iter().filter(|r| **r).count();
-    assert!((50..150).contains(&count), "about 20% expected, got {count}");
+    assert!(
+        (50..150).contains(&count),
+        "about 20% expected, got {count}"
+    );
     assert_eq!(faulty.inner().received().len(), 2 * (500 - count));
     assert!(first.iter().flatten().count() + count == 500);
-    assert!(first.iter().filter_map(|r| r.as_ref().err()).all(|e| e.disposition() == Disposition::Permanent));
+    assert!(first
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| e.disposition() == Disposition::Permanent));
 }

@@ -10,11 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use futures_util::FutureExt;
 use outbox_core::publishers::{memory_broker, MemorySubscriber};
-use outbox_core::{cloudevents, ClaimSource, EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats, StoreError};
+use outbox_core::{
+    cloudevents, ClaimSource, EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats,
+    StoreError,
+};
 use outbox_testkit::{Chaos, FaultyPublisher};
 use serde::Serialize;
-use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use crate::latency::percentile_ms;
@@ -72,13 +75,22 @@ const KILL_EVERY_MS: std::ops::Range<u64> = 150..600;
 
 pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     if args.to != TargetUrl::Memory {
-        return Err(CliError::Usage(format!("the demo on SQLite runs with the in-process broker (memory://), not {}", args.to)));
+        return Err(CliError::Usage(format!(
+            "the demo on SQLite runs with the in-process broker (memory://), not {}",
+            args.to
+        )));
     }
     if !(0.0..=1.0).contains(&args.cancel_rate) {
-        return Err(CliError::Usage("--cancel-rate must be between 0 and 1".into()));
+        return Err(CliError::Usage(
+            "--cancel-rate must be between 0 and 1".into(),
+        ));
     }
-    let temp = tempfile::tempdir().map_err(|e| CliError::Usage(format!("cannot make a temporary directory: {e}")))?;
-    let url = args.store.clone().unwrap_or_else(|| StoreUrl::Sqlite(temp.path().join("demo.db")));
+    let temp = tempfile::tempdir()
+        .map_err(|e| CliError::Usage(format!("cannot make a temporary directory: {e}")))?;
+    let url = args
+        .store
+        .clone()
+        .unwrap_or_else(|| StoreUrl::Sqlite(temp.path().join("demo.db")));
     let Store::Sqlite(outbox) = url.open().await?;
     let shop = sqlite::SqliteShop::new(outbox).await?;
     let summary = run_with(shop, &args).await?;
@@ -98,7 +110,10 @@ fn report(s: &Summary, args: &DemoArgs, kept: Option<&StoreUrl>) -> Result<(), C
         println!("relay restarts       {}", s.relay_restarts);
         println!("failures injected    {}", s.publish_failures_injected);
     }
-    println!("commit to consumer   p50 {} ms, p99 {} ms", s.p50_ms, s.p99_ms);
+    println!(
+        "commit to consumer   p50 {} ms, p99 {} ms",
+        s.p50_ms, s.p99_ms
+    );
     println!("elapsed              {:.2} s", s.elapsed_s);
     if let Some(url) = kept {
         println!("database kept at     {url} (tables orders, outbox, shipments, inbox)");
@@ -160,7 +175,12 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let consumed = Arc::new(Consumed::default());
-    let consumer = tokio::spawn(consume(shop.clone(), subscriber, consumed.clone(), stop_rx.clone()));
+    let consumer = tokio::spawn(consume(
+        shop.clone(),
+        subscriber,
+        consumed.clone(),
+        stop_rx.clone(),
+    ));
     let writing = Arc::new(AtomicBool::new(true));
     let restarts = Arc::new(AtomicU64::new(0));
     let relays = tokio::spawn(supervise(
@@ -174,7 +194,13 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
     ));
     let written = Arc::new(AtomicU64::new(0));
     let orders_placed = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_orders(shop.clone(), args.orders, args.cancel_rate, written.clone(), orders_placed.clone()));
+    let writer = tokio::spawn(write_orders(
+        shop.clone(),
+        args.orders,
+        args.cancel_rate,
+        written.clone(),
+        orders_placed.clone(),
+    ));
 
     let mut progress = Progress::new(args.orders, "orders");
     let deadline = started + args.timeout;
@@ -185,7 +211,10 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
         tokio::time::sleep(Duration::from_millis(50)).await;
         if writer.as_ref().is_some_and(|w| w.is_finished()) {
             if let Some(w) = writer.take() {
-                commits = Some(w.await.map_err(|e| CliError::Check(format!("order writer failed: {e}")))??);
+                commits = Some(
+                    w.await
+                        .map_err(|e| CliError::Check(format!("order writer failed: {e}")))??,
+                );
             }
             writing.store(false, Ordering::Relaxed);
         }
@@ -206,14 +235,21 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
             break;
         }
         if Instant::now() > deadline {
-            eprintln!("timed out after {:?} with {} events pending", args.timeout, stats.pending);
+            eprintln!(
+                "timed out after {:?} with {} events pending",
+                args.timeout, stats.pending
+            );
             break;
         }
     }
     progress.finish();
     let _ = stop_tx.send(true);
-    relays.await.map_err(|e| CliError::Check(format!("relay supervisor failed: {e}")))??;
-    let first_delivery = consumer.await.map_err(|e| CliError::Check(format!("consumer failed: {e}")))?;
+    relays
+        .await
+        .map_err(|e| CliError::Check(format!("relay supervisor failed: {e}")))??;
+    let first_delivery = consumer
+        .await
+        .map_err(|e| CliError::Check(format!("consumer failed: {e}")))?;
     let commits = match (commits, writer) {
         (Some(c), _) => c,
         (None, Some(w)) => {
@@ -262,7 +298,9 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
 }
 
 /// Calls `op` again while the store is busy (SQLite's single writer) or briefly down.
-async fn retrying<T, F: std::future::Future<Output = Result<T, StoreError>>>(mut op: impl FnMut() -> F) -> Result<T, StoreError> {
+async fn retrying<T, F: std::future::Future<Output = Result<T, StoreError>>>(
+    mut op: impl FnMut() -> F,
+) -> Result<T, StoreError> {
     let mut tries = 0;
     loop {
         match op().await {

@@ -40,7 +40,9 @@ impl NewOrder {
         if self.paid {
             events.push(
                 Event::builder("Order", &self.id, 2, "OrderPaid")
-                    .payload(&serde_json::json!({ "orderId": self.id, "amountCents": self.total_cents }))
+                    .payload(
+                        &serde_json::json!({ "orderId": self.id, "amountCents": self.total_cents }),
+                    )
                     .correlation_id(&correlation)
                     .causation_id(events[0].id.to_string())
                     .build()?,
@@ -90,11 +92,17 @@ pub trait Shop: Send + Sync + Clone + 'static {
     fn outbox(&self) -> Self::Outbox;
 
     /// The Order service: the order row and its events, one transaction.
-    fn place_order(&self, order: &NewOrder) -> impl Future<Output = Result<Vec<Event>, StoreError>> + Send;
+    fn place_order(
+        &self,
+        order: &NewOrder,
+    ) -> impl Future<Output = Result<Vec<Event>, StoreError>> + Send;
 
     /// The Order service: cancels an order, one transaction with its event;
     /// `None` if it was already cancelled.
-    fn cancel_order(&self, order_id: &str) -> impl Future<Output = Result<Option<Event>, StoreError>> + Send;
+    fn cancel_order(
+        &self,
+        order_id: &str,
+    ) -> impl Future<Output = Result<Option<Event>, StoreError>> + Send;
 
     /// The Shipping service: applies an event once, inbox and shipment in one
     /// transaction.

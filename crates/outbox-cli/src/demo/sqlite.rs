@@ -78,9 +78,13 @@ impl Shop for SqliteShop {
         .fetch_optional(&mut *tx)
         .await
         .map_err(db)?;
-        let Some(version) = version else { return Ok(None) };
+        let Some(version) = version else {
+            return Ok(None);
+        };
         let event = cancelled(order_id, version as u64)?;
-        self.outbox.append(&mut tx, std::slice::from_ref(&event)).await?;
+        self.outbox
+            .append(&mut tx, std::slice::from_ref(&event))
+            .await?;
         self.outbox.commit(tx).await?;
         Ok(Some(event))
     }
@@ -90,11 +94,13 @@ impl Shop for SqliteShop {
         if SqliteInbox.record(&mut tx, CONSUMER, event.id).await? == Seen::Duplicate {
             return Ok(Shipped::Duplicate);
         }
-        let applied: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(order_version), 0) FROM shipments WHERE order_id = ?")
-            .bind(&event.aggregate_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
+        let applied: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(order_version), 0) FROM shipments WHERE order_id = ?",
+        )
+        .bind(&event.aggregate_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
         let version = event.aggregate_version as i64;
         let outcome = if version <= applied {
             Shipped::OutOfOrder
@@ -109,7 +115,11 @@ impl Shop for SqliteShop {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-            if version == applied + 1 { Shipped::Applied } else { Shipped::AppliedAfterGap }
+            if version == applied + 1 {
+                Shipped::Applied
+            } else {
+                Shipped::AppliedAfterGap
+            }
         };
         tx.commit().await.map_err(db)?;
         Ok(outcome)

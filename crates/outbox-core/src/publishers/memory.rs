@@ -24,7 +24,11 @@ pub fn memory_broker(source: impl Into<String>) -> (MemoryPublisher, MemorySubsc
     let (tx, rx) = mpsc::unbounded_channel();
     let stats = Arc::new(AtomicU64::new(0));
     (
-        MemoryPublisher { tx, source: source.into(), sent: stats.clone() },
+        MemoryPublisher {
+            tx,
+            source: source.into(),
+            sent: stats.clone(),
+        },
         MemorySubscriber { rx, sent: stats },
     )
 }

@@ -12,7 +12,9 @@ pub struct StdoutPublisher {
 
 impl StdoutPublisher {
     pub fn new(source: impl Into<String>) -> Self {
-        Self { source: source.into() }
+        Self {
+            source: source.into(),
+        }
     }
 }
 

@@ -1,0 +1,216 @@
+//! The `outbox` binary end to end: the demo's guarantees checked against the
+//! database it keeps, then the operator's commands on that database.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn outbox(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(args)
+        .output()
+        .expect("run outbox")
+}
+
+fn last_json_line(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "last line is not JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn count(db: &Path, sql: &str) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let url = format!("sqlite://{}", db.display());
+        let outbox = outbox_sqlite::SqliteOutbox::connect(&url)
+            .await
+            .expect("open");
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(outbox.pool())
+            .await
+            .expect(sql);
+        n as u64
+    })
+}
+
+#[test]
+fn chaos_demo_loses_nothing_and_the_database_agrees() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("demo.db");
+    let store = format!("sqlite://{}", db.display());
+    let out = outbox(&[
+        "demo", "--orders", "2000", "--chaos", "--json", "--store", &store,
+    ]);
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = last_json_line(&out);
+    let n = |k: &str| {
+        s[k].as_u64()
+            .unwrap_or_else(|| panic!("key {k} missing in {s}"))
+    };
+    assert_eq!(n("orders"), 2000);
+    assert_eq!(n("lost"), 0);
+    assert_eq!(n("out_of_order"), 0);
+    assert_eq!(
+        n("delivered_unique") + n("dead_lettered"),
+        n("events_written")
+    );
+    assert!(
+        n("relay_restarts") >= 1,
+        "chaos must restart the relay: {s}"
+    );
+    assert!(n("publish_failures_injected") > 0, "{s}");
+    assert!(
+        n("duplicates_absorbed") > 0,
+        "lost acknowledgements must cause absorbed duplicates: {s}"
+    );
+    for key in ["p50_ms", "p99_ms", "elapsed_s"] {
+        assert!(s[key].as_f64().is_some(), "{key} missing in {s}");
+    }
+
+    // The kept database tells the same story.
+    assert_eq!(count(&db, "SELECT count(*) FROM orders"), 2000);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox"),
+        n("events_written")
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE status = 'published'"
+        ),
+        n("events_published")
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox WHERE status = 'dead'"),
+        n("dead_lettered")
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM inbox WHERE consumer = 'shipping'"
+        ),
+        n("delivered_unique")
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox o WHERE status != 'dead' AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.event_id = o.id)"),
+        0
+    );
+
+    // Operator commands on the same database.
+    let status = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+    assert_eq!(status["pending"], 0);
+    assert_eq!(status["dead"].as_u64(), Some(n("dead_lettered")));
+    let listed = outbox(&["dead-letters", "list", "--store", &store, "--json"]);
+    assert!(listed.status.success());
+    let letters: Vec<Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(letters.len() as u64, n("dead_lettered"));
+    assert!(letters.iter().all(|l| l["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("rejected"))));
+
+    if let Some(first) = letters.first() {
+        let id = first["event"]["id"].as_str().expect("id");
+        assert!(
+            outbox(&["dead-letters", "replay", "--store", &store, "--id", id])
+                .status
+                .success()
+        );
+        let after = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+        assert_eq!(after["pending"], 1);
+        assert_eq!(after["dead"].as_u64(), Some(n("dead_lettered") - 1));
+        let relay = outbox(&["relay", "--store", &store, "--to", "null://", "--once"]);
+        assert!(
+            relay.status.success(),
+            "{}",
+            String::from_utf8_lossy(&relay.stderr)
+        );
+        let after = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+        assert_eq!(after["pending"], 0);
+        assert_eq!(after["published"].as_u64(), Some(n("events_published") + 1));
+    }
+
+    let purged = outbox(&["purge", "--store", &store, "--older-than", "0s"]);
+    assert!(purged.status.success());
+    let after = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+    assert_eq!(after["published"], 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM inbox WHERE consumer = 'shipping'"
+        ),
+        n("delivered_unique"),
+        "purge must not touch the inbox"
+    );
+}
+
+#[test]
+fn demo_refuses_a_database_that_already_has_events() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = format!("sqlite://{}", dir.path().join("d.db").display());
+    assert!(outbox(&["demo", "--orders", "5", "--store", &store])
+        .status
+        .success());
+    let again = outbox(&["demo", "--orders", "5", "--store", &store]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("fresh"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+#[test]
+fn bad_urls_and_missing_stores_get_clear_errors() {
+    let out = outbox(&["status", "--store", "mysql://x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown store"));
+    let out = outbox(&["status", "--store", "sqlite:///nonexistent/dir/x.db"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no database"));
+    let out = outbox(&["relay", "--store", "sqlite://x.db", "--to", "kafka://x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown target"));
+}
+
+#[test]
+fn bench_reports_the_keys_it_promises() {
+    let out = outbox(&[
+        "bench",
+        "--events",
+        "2000",
+        "--rate",
+        "500",
+        "--duration",
+        "1s",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = last_json_line(&out);
+    for key in ["drain_events_per_s", "p50_ms", "p99_ms", "rate"] {
+        assert!(r[key].as_f64().is_some(), "{key} missing in {r}");
+    }
+    assert!(
+        r["latency_samples"].as_u64().is_some_and(|n| n >= 450),
+        "{r}"
+    );
+}
