@@ -52,6 +52,12 @@ impl SqliteOutbox {
                 "`{url}` names no database file"
             )));
         }
+        if path.contains(":memory:") || path.contains("mode=memory") {
+            // Each pooled connection would see a database of its own.
+            return Err(StoreError::Config(
+                "in-memory SQLite databases are private to one connection; use a file".into(),
+            ));
+        }
         Self::open(Path::new(path)).await
     }
 

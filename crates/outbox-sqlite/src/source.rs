@@ -94,16 +94,37 @@ impl ClaimSource for SqliteOutbox {
             .fetch_all(&self.pool)
             .await
             .map_err(map)?;
-        let mut events = rows
-            .iter()
-            .map(|row| {
-                event_from_row(row).map(|(position, event, attempts)| ClaimedEvent {
+        let mut events = Vec::with_capacity(rows.len());
+        let mut malformed = Vec::new();
+        for row in &rows {
+            match event_from_row(row) {
+                Ok((position, event, attempts)) => events.push(ClaimedEvent {
                     event,
                     attempts,
                     receipt: position,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                }),
+                Err(e) => {
+                    let position: i64 = row.try_get("position").map_err(map)?;
+                    malformed.push((position, e.to_string()));
+                }
+            }
+        }
+        if !malformed.is_empty() {
+            // A row that cannot be decoded would fail every claim forever:
+            // dead-letter it, visibly, and carry on with the rest.
+            tracing::error!(
+                count = malformed.len(),
+                "outbox: dead-lettering malformed rows"
+            );
+            self.settle(
+                lease,
+                Settlements {
+                    dead: malformed,
+                    ..Settlements::default()
+                },
+            )
+            .await?;
+        }
         // RETURNING gives no order; the relay needs write order.
         events.sort_unstable_by_key(|c| c.receipt);
         Ok(Claimed { lease, events })

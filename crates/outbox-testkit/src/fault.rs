@@ -20,6 +20,9 @@ pub enum Fault {
     /// Reached the broker, but the acknowledgement was lost: reported as a
     /// transient failure, so the retry makes a duplicate.
     LostAck,
+    /// The whole call hangs this long before going through, as a broker that
+    /// stopped answering; the relay's publish timeout should give up first.
+    Hang(Duration),
 }
 
 /// Random faults for chaos runs; each rate is a probability per event.
@@ -42,6 +45,7 @@ pub struct InjectedFaults {
     pub permanent: AtomicU64,
     pub retry_after: AtomicU64,
     pub lost_acks: AtomicU64,
+    /// Events in calls that hung.
     pub hangs: AtomicU64,
 }
 
@@ -142,8 +146,25 @@ impl<P: Publisher> Publisher for FaultyPublisher<P> {
                 .fetch_add(request.events.len() as u64, Ordering::Relaxed);
             tokio::time::sleep(self.chaos.hang_for).await;
         }
-        let faults: Vec<Option<Fault>> =
+        let mut faults: Vec<Option<Fault>> =
             request.events.iter().map(|e| self.next_fault(e)).collect();
+        let hang = faults
+            .iter_mut()
+            .filter_map(|f| match f {
+                Some(Fault::Hang(d)) => {
+                    let d = *d;
+                    *f = None;
+                    Some(d)
+                }
+                _ => None,
+            })
+            .max();
+        if let Some(hang) = hang {
+            self.injected
+                .hangs
+                .fetch_add(request.events.len() as u64, Ordering::Relaxed);
+            tokio::time::sleep(hang).await;
+        }
         // Forward what the broker would receive: no fault, or a lost ack.
         let forward: Vec<Event> = request
             .events
@@ -163,7 +184,8 @@ impl<P: Publisher> Publisher for FaultyPublisher<P> {
         faults
             .into_iter()
             .map(|fault| match fault {
-                None => inner_results
+                // Hangs were turned into `None` above: after the wait, the call goes through.
+                None | Some(Fault::Hang(_)) => inner_results
                     .next()
                     .unwrap_or_else(|| Err(PublishError::transient("missing result"))),
                 Some(Fault::LostAck) => {

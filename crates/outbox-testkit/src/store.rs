@@ -291,6 +291,38 @@ pub async fn retry_after_is_honoured<H: StoreHarness>(h: H, _: StoreFeatures) {
     assert_eq!(publisher.inner().received().len(), 1);
 }
 
+/// A publish call that hangs past the publish timeout counts as a transient
+/// failure: the event is retried, not lost and not dead-lettered.
+pub async fn publish_timeout_is_a_transient_failure<H: StoreHarness>(h: H, _: StoreFeatures) {
+    let e = order_event("a", 1, "OrderCreated");
+    commit(&h, "a", std::slice::from_ref(&e)).await;
+    let publisher = FaultyPublisher::new(RecordingPublisher::new());
+    publisher.script(e.id, [Fault::Hang(Duration::from_secs(5))]);
+    let config = relay_config()
+        .publish_timeout(Duration::from_millis(100))
+        .lease(Duration::from_secs(2));
+    let relay = Relay::new(h.store(), publisher.clone(), config).expect("relay");
+    let report = relay.run_once().await.expect("run once");
+    assert_eq!(report.retried, 1, "{report:?}");
+    assert!(publisher.inner().received().is_empty());
+    drain_until_settled(&relay, Duration::from_secs(5)).await;
+    assert_eq!(
+        publisher.inner().received().len(),
+        1,
+        "{:?} {:?}",
+        stats(&h).await,
+        relay.metrics()
+    );
+    assert_eq!(
+        publisher
+            .injected()
+            .hangs
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(stats(&h).await.dead, 0);
+}
+
 /// A permanent failure dead-letters the event at once, with its error; the
 /// aggregate's later events still flow; a replay publishes it.
 pub async fn dead_letter_then_replay<H: StoreHarness>(h: H, _: StoreFeatures) {
@@ -587,6 +619,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@cases $make, $features;
             atomic_with_business_change, invalid_events_write_nothing, version_conflict_is_refused,
             publishes_in_aggregate_order, failure_holds_back_only_its_aggregate, retry_after_is_honoured,
+            publish_timeout_is_a_transient_failure,
             dead_letter_then_replay, attempts_run_out, expired_lease_is_reclaimed,
             released_events_are_due_again, shutdown_releases_in_flight_work,
             concurrent_relays_keep_order, purge_removes_only_old_published, inbox_deduplicates);
