@@ -86,10 +86,15 @@ impl From<sqlx::Error> for CliError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A relay is a service: say what it does. Other commands print their own results.
+    let default_level = match cli.command {
+        Command::Relay(_) => "info",
+        _ => "error",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -27,18 +27,32 @@ pub struct RelayArgs {
     /// Longest wait between polls when idle.
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     poll: Duration,
+    /// How long claimed events stay reserved; a relay killed while holding
+    /// a claim delays those events by at most this much.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Longest wait for one publish call before it counts as failed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    publish_timeout: Duration,
     /// Publish what is due, then exit (for schedulers such as cron).
     #[arg(long)]
     once: bool,
 }
+
+/// How often a running relay logs its totals.
+const REPORT_EVERY: Duration = Duration::from_secs(30);
 
 pub async fn run(args: RelayArgs) -> Result<(), CliError> {
     let publisher = args.to.publisher(&args.source)?;
     let config = RelayConfig::default()
         .batch_size(args.batch_size)
         .max_attempts(args.max_attempts)
-        .idle_poll(args.poll);
-    let Store::Sqlite(store) = args.store.open().await?;
+        .idle_poll(args.poll)
+        .lease(args.lease)
+        .publish_timeout(args.publish_timeout);
+    // A relay never creates a database: a mistyped path would idle forever.
+    let Store::Sqlite(store) = args.store.open_existing().await?;
+    tracing::info!(store = %args.store, to = %args.to, batch_size = args.batch_size, "relay started");
     serve(store, publisher, config, args.once).await
 }
 
@@ -49,12 +63,29 @@ async fn serve<S: ClaimSource, P: Publisher>(
     once: bool,
 ) -> Result<(), CliError> {
     let relay = Relay::new(store, publisher, config)?;
+    let m = relay.metrics();
     let report = if once {
         relay.drain().await?
     } else {
-        relay.run(shutdown_signal()).await?
+        let totals = async {
+            let mut every = tokio::time::interval(REPORT_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                tracing::info!(
+                    published = m.published.load(Ordering::Relaxed),
+                    retried = m.retried.load(Ordering::Relaxed),
+                    dead_lettered = m.dead_lettered.load(Ordering::Relaxed),
+                    store_errors = m.store_errors.load(Ordering::Relaxed),
+                    "relay totals"
+                );
+            }
+        };
+        tokio::select! {
+            report = relay.run(shutdown_signal()) => report?,
+            never = totals => never,
+        }
     };
-    let m = relay.metrics();
     eprintln!(
         "relay stopped: published {}, retried {}, dead-lettered {}, released {}",
         m.published.load(Ordering::Relaxed),
