@@ -82,12 +82,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
             "--events, --rate and --events-per-aggregate must be at least 1".into(),
         ));
     }
-    let temp = tempfile::tempdir()
-        .map_err(|e| CliError::Usage(format!("cannot make a temporary directory: {e}")))?;
-    let url = args
-        .store
-        .clone()
-        .unwrap_or_else(|| StoreUrl::Sqlite(temp.path().join("bench.db")));
+    let (url, _temp) = StoreUrl::or_temporary(args.store.as_ref(), "bench.db")?;
     let publisher = args.to.publisher("urn:outbox:bench")?;
     let Store::Sqlite(store) = url.open().await?;
     let results = measure(store, publisher, &args, &url).await?;
@@ -109,10 +104,12 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn event(aggregate: u64, version: u64) -> Result<Event, StoreError> {
+/// An event of aggregate `bench-RUN-N`: each run has its own aggregates, so
+/// a store can be benchmarked again without version conflicts.
+fn event(run: &str, aggregate: u64, version: u64) -> Result<Event, StoreError> {
     Ok(Event::builder(
         "Order",
-        format!("bench-{aggregate}"),
+        format!("bench-{run}-{aggregate}"),
         version,
         "OrderCreated",
     )
@@ -132,12 +129,14 @@ async fn measure<S: EventWriter, P: Publisher + Clone + 'static>(
         )));
     }
     // 1. A backlog, written before any relay runs.
+    // The tail of a v7 id is random; its head is the clock.
+    let run = EventId::new().to_string()[24..].to_owned();
     let per_agg = args.events_per_aggregate;
     let mut progress = Progress::new(args.events, "events written");
     let started = Instant::now();
     let mut batch = Vec::with_capacity(1_000);
     for n in 0..args.events {
-        batch.push(event(n / per_agg, n % per_agg + 1)?);
+        batch.push(event(&run, n / per_agg, n % per_agg + 1)?);
         if batch.len() == 1_000 || n + 1 == args.events {
             store.write(&batch).await?;
             batch.clear();
@@ -184,7 +183,7 @@ async fn measure<S: EventWriter, P: Publisher + Clone + 'static>(
     let started = Instant::now();
     for n in 0..total {
         ticker.tick().await;
-        let e = event(args.events + n, 1)?;
+        let e = event(&run, args.events + n, 1)?;
         store.write(std::slice::from_ref(&e)).await?;
         commits.insert(e.id, Instant::now());
         progress.update(n + 1, "");

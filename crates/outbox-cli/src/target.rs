@@ -48,6 +48,20 @@ pub enum Store {
 }
 
 impl StoreUrl {
+    /// `url`, or else a SQLite file named `name` in a temporary directory
+    /// that lives as long as the returned guard.
+    pub fn or_temporary(
+        url: Option<&StoreUrl>,
+        name: &str,
+    ) -> Result<(StoreUrl, tempfile::TempDir), CliError> {
+        let temp = tempfile::tempdir()
+            .map_err(|e| CliError::Usage(format!("cannot make a temporary directory: {e}")))?;
+        let url = url
+            .cloned()
+            .unwrap_or_else(|| StoreUrl::Sqlite(temp.path().join(name)));
+        Ok((url, temp))
+    }
+
     pub async fn open(&self) -> Result<Store, CliError> {
         match self {
             StoreUrl::Sqlite(path) => Ok(Store::Sqlite(SqliteOutbox::open(path).await?)),

@@ -1,6 +1,5 @@
 //! The relay's side: claim due events, settle them.
 
-use std::fmt::Write;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -49,27 +48,33 @@ pub(crate) fn event_from_row(row: &SqliteRow) -> Result<(i64, Event, u32), Store
     Ok((position, event, u32::try_from(attempts).unwrap_or(u32::MAX)))
 }
 
-/// `[1,2,3]`: positions passed as one JSON parameter, read with `json_each`,
-/// so a batch of any size is one statement.
-fn json_positions(positions: &[i64]) -> String {
-    let mut s = String::with_capacity(positions.len() * 8 + 2);
-    s.push('[');
-    for (i, p) in positions.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        let _ = write!(s, "{p}");
-    }
-    s.push(']');
-    s
+/// `[[position, time, error], ...]`: a batch's settlements as one JSON
+/// parameter, read with `json_each`, so a batch of any size is one statement.
+fn rows_json<'a>(
+    rows: impl Iterator<Item = (i64, Option<i64>, Option<&'a str>)>,
+) -> Result<String, StoreError> {
+    serde_json::to_string(&rows.collect::<Vec<_>>()).map_err(|e| StoreError::Backend(Box::new(e)))
 }
 
-fn json_failures<'a>(rows: impl Iterator<Item = (i64, Option<i64>, &'a str)>) -> String {
-    let rows: Vec<serde_json::Value> = rows
-        .map(|(p, at, err)| serde_json::json!([p, at, err]))
-        .collect();
-    serde_json::Value::Array(rows).to_string()
+/// One settlement statement: `$set` applied to the rows of `?1` still held
+/// under lease `?2`; `f.at` and `f.err` are each row's time and error.
+macro_rules! settle_sql {
+    ($set:literal) => {
+        concat!(
+            "UPDATE outbox SET ", $set, ", lease_id = NULL
+             FROM (SELECT value ->> 0 AS pos, value ->> 1 AS at, value ->> 2 AS err
+                   FROM json_each(?1)) AS f
+             WHERE outbox.position = f.pos AND outbox.lease_id = ?2 AND outbox.status = 'pending'"
+        )
+    };
 }
+
+const SETTLE_PUBLISHED: &str = settle_sql!("status = 'published', published_at = f.at");
+const SETTLE_RELEASED: &str = settle_sql!("next_attempt_at = f.at");
+const SETTLE_RETRY: &str =
+    settle_sql!("attempts = attempts + 1, next_attempt_at = f.at, last_error = f.err");
+const SETTLE_DEAD: &str =
+    settle_sql!("status = 'dead', attempts = attempts + 1, last_error = f.err");
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -134,71 +139,42 @@ impl ClaimSource for SqliteOutbox {
         if s.is_empty() {
             return Ok(0);
         }
-        let now = Utc::now().timestamp_millis();
+        let now = Some(Utc::now().timestamp_millis());
+        let statements = [
+            (
+                SETTLE_PUBLISHED,
+                rows_json(s.published.iter().map(|p| (*p, now, None)))?,
+            ),
+            (
+                SETTLE_RELEASED,
+                rows_json(s.released.iter().map(|p| (*p, now, None)))?,
+            ),
+            (
+                SETTLE_RETRY,
+                rows_json(
+                    s.retry
+                        .iter()
+                        .map(|(p, at, e)| (*p, Some(at.timestamp_millis()), Some(e.as_str()))),
+                )?,
+            ),
+            (
+                SETTLE_DEAD,
+                rows_json(s.dead.iter().map(|(p, e)| (*p, None, Some(e.as_str()))))?,
+            ),
+        ];
         let lease = lease.to_string();
         let mut tx = self.begin().await?;
         let mut applied = 0;
-        if !s.published.is_empty() {
-            applied += sqlx::query(
-                "UPDATE outbox SET status = 'published', published_at = ?1, lease_id = NULL
-                 WHERE lease_id = ?2 AND status = 'pending'
-                   AND position IN (SELECT value FROM json_each(?3))",
-            )
-            .bind(now)
-            .bind(&lease)
-            .bind(json_positions(&s.published))
-            .execute(&mut *tx)
-            .await
-            .map_err(map)?
-            .rows_affected();
-        }
-        if !s.released.is_empty() {
-            applied += sqlx::query(
-                "UPDATE outbox SET next_attempt_at = ?1, lease_id = NULL
-                 WHERE lease_id = ?2 AND status = 'pending'
-                   AND position IN (SELECT value FROM json_each(?3))",
-            )
-            .bind(now)
-            .bind(&lease)
-            .bind(json_positions(&s.released))
-            .execute(&mut *tx)
-            .await
-            .map_err(map)?
-            .rows_affected();
-        }
-        if !s.retry.is_empty() {
-            let rows = s
-                .retry
-                .iter()
-                .map(|(p, at, e)| (*p, Some(at.timestamp_millis()), e.as_str()));
-            applied += sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = f.at,
-                        last_error = f.err, lease_id = NULL
-                 FROM (SELECT value ->> 0 AS pos, value ->> 1 AS at, value ->> 2 AS err
-                       FROM json_each(?1)) AS f
-                 WHERE outbox.position = f.pos AND outbox.lease_id = ?2 AND outbox.status = 'pending'",
-            )
-            .bind(json_failures(rows))
-            .bind(&lease)
-            .execute(&mut *tx)
-            .await
-            .map_err(map)?
-            .rows_affected();
-        }
-        if !s.dead.is_empty() {
-            let rows = s.dead.iter().map(|(p, e)| (*p, None, e.as_str()));
-            applied += sqlx::query(
-                "UPDATE outbox SET status = 'dead', attempts = attempts + 1,
-                        last_error = f.err, lease_id = NULL
-                 FROM (SELECT value ->> 0 AS pos, value ->> 2 AS err FROM json_each(?1)) AS f
-                 WHERE outbox.position = f.pos AND outbox.lease_id = ?2 AND outbox.status = 'pending'",
-            )
-            .bind(json_failures(rows))
-            .bind(&lease)
-            .execute(&mut *tx)
-            .await
-            .map_err(map)?
-            .rows_affected();
+        for (sql, rows) in statements {
+            if rows != "[]" {
+                applied += sqlx::query(sql)
+                    .bind(rows)
+                    .bind(&lease)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map)?
+                    .rows_affected();
+            }
         }
         tx.commit().await.map_err(map)?;
         Ok(applied)

@@ -85,12 +85,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
             "--cancel-rate must be between 0 and 1".into(),
         ));
     }
-    let temp = tempfile::tempdir()
-        .map_err(|e| CliError::Usage(format!("cannot make a temporary directory: {e}")))?;
-    let url = args
-        .store
-        .clone()
-        .unwrap_or_else(|| StoreUrl::Sqlite(temp.path().join("demo.db")));
+    let (url, _temp) = StoreUrl::or_temporary(args.store.as_ref(), "demo.db")?;
     let Store::Sqlite(outbox) = url.open().await?;
     let shop = sqlite::SqliteShop::new(outbox).await?;
     let summary = run_with(shop, &args).await?;
