@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,14 +171,17 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     /// current publish call; what it has not yet sent is released for the next
     /// relay, so a restart neither waits for a lease nor loses anything.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<BatchReport, StoreError> {
-        let mut shutdown = pin!(shutdown);
+        let mut shutdown = Shutdown {
+            signal: pin!(shutdown),
+            fired: false,
+        };
         let mut total = BatchReport::default();
         let mut store_failures = 0u32;
         loop {
-            if is_ready(shutdown.as_mut()) {
+            if shutdown.fired() {
                 return Ok(total);
             }
-            let report = match self.run_batch(Some(shutdown.as_mut())).await {
+            let report = match self.run_batch(Some(&mut shutdown)).await {
                 Ok(report) => {
                     store_failures = 0;
                     report
@@ -190,7 +193,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                     tracing::warn!(error = %e, retry_in = ?pause, "relay: store call failed");
                     tokio::select! {
                         biased;
-                        () = shutdown.as_mut() => return Ok(total),
+                        () = shutdown.wait() => return Ok(total),
                         () = tokio::time::sleep(pause.min(Duration::from_secs(10))) => continue,
                     }
                 }
@@ -201,7 +204,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             if report.claimed < self.config.batch_size {
                 tokio::select! {
                     biased;
-                    () = shutdown.as_mut() => return Ok(total),
+                    () = shutdown.wait() => return Ok(total),
                     () = self.source.wait_for_events(self.config.idle_poll) => {}
                 }
             }
@@ -212,9 +215,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     pub async fn drain(&self) -> Result<BatchReport, StoreError> {
         let mut total = BatchReport::default();
         loop {
-            let report = self
-                .run_batch(None::<std::pin::Pin<&mut std::future::Pending<()>>>)
-                .await?;
+            let report = self.run_batch(NO_SHUTDOWN).await?;
             total.add(report);
             if report.claimed == 0 {
                 return Ok(total);
@@ -224,13 +225,12 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
 
     /// One claim-publish-settle cycle.
     pub async fn run_once(&self) -> Result<BatchReport, StoreError> {
-        self.run_batch(None::<std::pin::Pin<&mut std::future::Pending<()>>>)
-            .await
+        self.run_batch(NO_SHUTDOWN).await
     }
 
-    async fn run_batch(
+    async fn run_batch<F: Future<Output = ()> + ?Sized>(
         &self,
-        mut shutdown: Option<std::pin::Pin<&mut (impl Future<Output = ()> + ?Sized)>>,
+        mut shutdown: Option<&mut Shutdown<'_, F>>,
     ) -> Result<BatchReport, StoreError> {
         let claimed = self
             .source
@@ -252,7 +252,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         let mut blocked: HashSet<Key> = HashSet::new();
         let mut stopping = false;
         for wave in into_waves(claimed.events) {
-            stopping = stopping || shutdown.as_mut().is_some_and(|s| is_ready(s.as_mut()));
+            stopping = stopping || shutdown.as_mut().is_some_and(|s| s.fired());
             let (send, held): (Vec<_>, Vec<_>) = wave
                 .into_iter()
                 .partition(|c| !stopping && !blocked.contains(&key(&c.event)));
@@ -333,7 +333,8 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             disposition => {
                 let backoff = self.config.retry.backoff(attempts);
                 let delay = match disposition {
-                    Disposition::RetryAfter(after) => after.max(backoff.min(after)),
+                    // The target knows best when it can take more.
+                    Disposition::RetryAfter(after) => after,
                     _ => backoff,
                 };
                 let at =
@@ -401,8 +402,33 @@ fn into_waves<R>(events: Vec<ClaimedEvent<R>>) -> Vec<Vec<ClaimedEvent<R>>> {
     waves
 }
 
+/// The caller's shutdown future, asked "has it fired?" without waiting, as
+/// often as needed: a completed future must never be polled again.
+struct Shutdown<'a, F: ?Sized> {
+    signal: Pin<&'a mut F>,
+    fired: bool,
+}
+
+impl<F: Future<Output = ()> + ?Sized> Shutdown<'_, F> {
+    fn fired(&mut self) -> bool {
+        if !self.fired {
+            self.fired = is_ready(self.signal.as_mut());
+        }
+        self.fired
+    }
+
+    async fn wait(&mut self) {
+        if !self.fired {
+            self.signal.as_mut().await;
+            self.fired = true;
+        }
+    }
+}
+
+const NO_SHUTDOWN: Option<&mut Shutdown<'static, std::future::Pending<()>>> = None;
+
 /// Whether a future has completed, without waiting for it.
-fn is_ready<F: Future<Output = ()> + ?Sized>(fut: std::pin::Pin<&mut F>) -> bool {
+fn is_ready<F: Future<Output = ()> + ?Sized>(fut: Pin<&mut F>) -> bool {
     let waker = futures_util::task::noop_waker();
     let mut cx = std::task::Context::from_waker(&waker);
     fut.poll(&mut cx).is_ready()

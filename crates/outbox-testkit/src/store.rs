@@ -486,10 +486,9 @@ pub async fn shutdown_releases_in_flight_work<H: StoreHarness>(h: H, _: StoreFea
     .await;
     let publisher = RecordingPublisher::new().with_latency(Duration::from_millis(300));
     let relay = Relay::new(h.store(), publisher.clone(), relay_config()).expect("relay");
-    let report = relay
-        .run(tokio::time::sleep(Duration::from_millis(100)))
-        .await
-        .expect("run");
+    // An async block, like a signal handler: it must not be polled once it has completed.
+    let shutdown = async { tokio::time::sleep(Duration::from_millis(100)).await };
+    let report = relay.run(shutdown).await.expect("run");
     assert_eq!(
         report.published, 1,
         "the call in flight should finish: {report:?}"
