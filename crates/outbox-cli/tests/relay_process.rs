@@ -74,18 +74,38 @@ fn relay(db: &Path, extra: &[&str]) -> Child {
         .expect("start relay")
 }
 
-/// Reads the child's stdout lines on a thread, so a kill never blocks the test.
-fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
+/// Reads the child's stdout lines on a thread, so a kill never blocks the
+/// test. With `bound`, the thread waits for the test to take lines, so the
+/// relay can run ahead of what the test has read by a pipe's worth at most.
+fn lines_of(child: &mut Child, bound: Option<usize>) -> mpsc::Receiver<String> {
+    let (tx, rx) = match bound {
+        Some(n) => {
+            let (tx, rx) = mpsc::sync_channel(n);
+            (Sender::Bounded(tx), rx)
+        }
+        None => {
+            let (tx, rx) = mpsc::channel();
+            (Sender::Unbounded(tx), rx)
+        }
+    };
     let stdout = child.stdout.take().expect("stdout");
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
+            let sent = match &tx {
+                Sender::Bounded(tx) => tx.send(line).is_ok(),
+                Sender::Unbounded(tx) => tx.send(line).is_ok(),
+            };
+            if !sent {
                 break;
             }
         }
     });
     rx
+}
+
+enum Sender {
+    Bounded(mpsc::SyncSender<String>),
+    Unbounded(mpsc::Sender<String>),
 }
 
 #[test]
@@ -96,7 +116,7 @@ fn relay_killed_mid_run_then_restarted_loses_nothing_and_keeps_order() {
 
     // First relay: killed without warning once it is well into the backlog.
     let mut first = relay(&db, &["--lease", "1s", "--publish-timeout", "500ms"]);
-    let lines = lines_of(&mut first);
+    let lines = lines_of(&mut first, Some(1));
     let mut received: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while received.len() < 600 && Instant::now() < deadline {
@@ -106,7 +126,8 @@ fn relay_killed_mid_run_then_restarted_loses_nothing_and_keeps_order() {
     }
     first.kill().expect("SIGKILL");
     first.wait().expect("reap");
-    received.extend(lines.try_iter());
+    // Everything the dead relay wrote before dying, up to the pipe's end.
+    received.extend(lines.iter());
     let before_restart = received.len();
     assert!(
         before_restart >= 600,
@@ -120,7 +141,7 @@ fn relay_killed_mid_run_then_restarted_loses_nothing_and_keeps_order() {
     // Second relay, after the dead relay's lease ran out: publishes what is due and exits.
     std::thread::sleep(Duration::from_millis(1_200));
     let mut second = relay(&db, &["--once"]);
-    let lines = lines_of(&mut second);
+    let lines = lines_of(&mut second, None);
     let status = second.wait().expect("second relay");
     assert!(status.success(), "second relay failed");
     received.extend(lines.iter());
@@ -174,7 +195,7 @@ fn sigterm_stops_the_relay_cleanly_and_leaves_no_claims() {
     let db = dir.path().join("relay.db");
     let written = write_events(&db);
     let mut child = relay(&db, &[]);
-    let lines = lines_of(&mut child);
+    let lines = lines_of(&mut child, None);
     let mut received = 0;
     while received < 50 {
         lines

@@ -31,11 +31,22 @@ impl Publisher for StdoutPublisher {
             lines.push_str(&cloudevents::to_json(event, &self.source));
             lines.push('\n');
         }
-        let mut out = std::io::stdout().lock();
-        match out.write_all(lines.as_bytes()).and_then(|()| out.flush()) {
-            Ok(()) => vec![Ok(()); request.events.len()],
+        // A blocking write, off the async workers: a reader that stops
+        // reading must stall only this call (which the relay's publish
+        // timeout then gives up on), not the runtime.
+        let written = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::stdout().lock();
+            out.write_all(lines.as_bytes()).and_then(|()| out.flush())
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => vec![Ok(()); request.events.len()],
             // A closed pipe will not reopen by itself, but the operator may fix it.
-            Err(e) => fail_all(&request, PublishError::transient(format!("stdout: {e}"))),
+            Ok(Err(e)) => fail_all(&request, PublishError::transient(format!("stdout: {e}"))),
+            Err(e) => fail_all(
+                &request,
+                PublishError::transient(format!("stdout writer: {e}")),
+            ),
         }
     }
 }
