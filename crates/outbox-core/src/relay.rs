@@ -282,14 +282,6 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             released: settlements.released.len(),
         };
         let m = &self.metrics;
-        m.published
-            .fetch_add(report.published as u64, Ordering::Relaxed);
-        m.retried
-            .fetch_add(report.retried as u64, Ordering::Relaxed);
-        m.dead_lettered
-            .fetch_add(report.dead_lettered as u64, Ordering::Relaxed);
-        m.released
-            .fetch_add(report.released as u64, Ordering::Relaxed);
         let applied = self
             .source
             .settle(claimed.lease, settlements)
@@ -301,10 +293,19 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             // Another relay took over after our lease ran out; it will publish
             // these again, which consumers absorb as duplicates.
             tracing::warn!(
-                lost = count as u64 - applied,
+                stale = count as u64 - applied,
                 "relay: lease expired before settling"
             );
         }
+        // Counted once recorded, so the totals match the store.
+        m.published
+            .fetch_add(report.published as u64, Ordering::Relaxed);
+        m.retried
+            .fetch_add(report.retried as u64, Ordering::Relaxed);
+        m.dead_lettered
+            .fetch_add(report.dead_lettered as u64, Ordering::Relaxed);
+        m.released
+            .fetch_add(report.released as u64, Ordering::Relaxed);
         Ok(report)
     }
 

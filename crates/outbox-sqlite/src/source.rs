@@ -165,16 +165,15 @@ impl ClaimSource for SqliteOutbox {
         let lease = lease.to_string();
         let mut tx = self.begin().await?;
         let mut applied = 0;
-        for (sql, rows) in statements {
-            if rows != "[]" {
-                applied += sqlx::query(sql)
-                    .bind(rows)
-                    .bind(&lease)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map)?
-                    .rows_affected();
-            }
+        // Categories with no rows (`[]`) need no statement.
+        for (sql, rows) in statements.into_iter().filter(|(_, rows)| rows != "[]") {
+            applied += sqlx::query(sql)
+                .bind(rows)
+                .bind(&lease)
+                .execute(&mut *tx)
+                .await
+                .map_err(map)?
+                .rows_affected();
         }
         tx.commit().await.map_err(map)?;
         Ok(applied)
