@@ -34,7 +34,12 @@ pub enum DeadLetterCommand {
     },
 }
 
-pub async fn status(url: &StoreUrl, json: bool) -> Result<(), CliError> {
+pub async fn status(
+    url: &StoreUrl,
+    json: bool,
+    max_pending_age: Option<Duration>,
+    fail_on_dead: bool,
+) -> Result<(), CliError> {
     let Store::Sqlite(store) = url.open_existing().await?;
     let stats = store.stats().await?;
     let age = stats
@@ -59,6 +64,21 @@ pub async fn status(url: &StoreUrl, json: bool) -> Result<(), CliError> {
             ),
             None => println!("oldest pending: none"),
         }
+    }
+    if let (Some(age), Some(max)) = (age, max_pending_age) {
+        if age > max {
+            return Err(CliError::Check(format!(
+                "the oldest pending event is {} old, more than {}",
+                humantime::format_duration(round(age)),
+                humantime::format_duration(max)
+            )));
+        }
+    }
+    if fail_on_dead && stats.dead > 0 {
+        return Err(CliError::Check(format!(
+            "{} event(s) are dead-lettered",
+            stats.dead
+        )));
     }
     Ok(())
 }

@@ -38,6 +38,13 @@ enum Command {
         store: StoreUrl,
         #[arg(long)]
         json: bool,
+        /// Fail (exit 1) if the oldest pending event is older than this: a
+        /// health check for cron or a monitoring agent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_pending_age: Option<Duration>,
+        /// Fail (exit 1) if any event is dead-lettered.
+        #[arg(long)]
+        fail_on_dead: bool,
     },
     /// List or replay dead-lettered events.
     #[command(subcommand, name = "dead-letters")]
@@ -112,7 +119,12 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Relay(args) => relay::run(args).await,
-            Command::Status { store, json } => admin::status(&store, json).await,
+            Command::Status {
+                store,
+                json,
+                max_pending_age,
+                fail_on_dead,
+            } => admin::status(&store, json, max_pending_age, fail_on_dead).await,
             Command::DeadLetters(cmd) => admin::dead_letters(cmd).await,
             Command::Purge { store, older_than } => admin::purge(&store, older_than).await,
             Command::Bench(args) => bench::run(args).await,

@@ -112,6 +112,13 @@ fn chaos_demo_loses_nothing_and_the_database_agrees() {
     // Operator commands on the same database.
     let status = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
     assert_eq!(status["pending"], 0);
+    let healthy = outbox(&["status", "--store", &store, "--max-pending-age", "1m"]);
+    assert!(
+        healthy.status.success(),
+        "nothing is pending: the check must pass"
+    );
+    let dead_check = outbox(&["status", "--store", &store, "--fail-on-dead"]);
+    assert_eq!(dead_check.status.success(), n("dead_lettered") == 0);
     assert_eq!(status["dead"].as_u64(), Some(n("dead_lettered")));
     let listed = outbox(&["dead-letters", "list", "--store", &store, "--json"]);
     assert!(listed.status.success());
@@ -212,5 +219,44 @@ fn bench_reports_the_keys_it_promises() {
     assert!(
         r["latency_samples"].as_u64().is_some_and(|n| n >= 450),
         "{r}"
+    );
+}
+
+#[test]
+fn status_health_check_fails_when_events_wait_too_long() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("h.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let outbox = outbox_sqlite::SqliteOutbox::open(&db).await.expect("open");
+        let mut tx = outbox.begin().await.expect("begin");
+        outbox
+            .append(
+                &mut tx,
+                &[outbox_testkit::order_event("o-1", 1, "OrderCreated")],
+            )
+            .await
+            .expect("append");
+        outbox.commit(tx).await.expect("commit");
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    let store = format!("sqlite://{}", db.display());
+    let out = outbox(&["status", "--store", &store, "--max-pending-age", "1s"]);
+    assert!(
+        !out.status.success(),
+        "a 1 s old pending event must fail a 1 s check"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("oldest pending event"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        outbox(&["status", "--store", &store, "--max-pending-age", "1h"])
+            .status
+            .success()
     );
 }
