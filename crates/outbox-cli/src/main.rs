@@ -169,8 +169,6 @@ pub fn print_json(value: &impl serde::Serialize) {
     }
 }
 
-pub use target::{AnyPublisher, Store};
-
 /// Accepts `TargetUrl` in clap arguments.
 pub fn parse_target(s: &str) -> Result<TargetUrl, String> {
     s.parse()

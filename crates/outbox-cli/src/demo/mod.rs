@@ -245,14 +245,11 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
     let first_delivery = consumer
         .await
         .map_err(|e| CliError::Check(format!("consumer failed: {e}")))?;
-    let commits = match (commits, writer) {
-        (Some(c), _) => c,
-        (None, Some(w)) => {
-            w.abort();
-            HashMap::new()
-        }
-        (None, None) => HashMap::new(),
-    };
+    if let Some(unfinished) = writer {
+        // Timed out while still writing: the audit below reports what is missing.
+        unfinished.abort();
+    }
+    let commits = commits.unwrap_or_default();
 
     let audit = shop.audit().await?;
     let mut latencies: Vec<Duration> = first_delivery
