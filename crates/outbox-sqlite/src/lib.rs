@@ -116,8 +116,9 @@ impl SqliteOutbox {
     /// and only if it commits.
     ///
     /// Every event is checked before the first is written. Appending a
-    /// version that the aggregate already has fails with
-    /// [`StoreError::Conflict`]; the transaction should then be rolled back.
+    /// version at or below one the aggregate already has fails with
+    /// [`StoreError::Conflict`] (another writer got there first); the
+    /// transaction should then be rolled back.
     pub async fn append(
         &self,
         conn: &mut SqliteConnection,
@@ -136,11 +137,16 @@ impl SqliteOutbox {
         }
         let now = Utc::now().timestamp_millis();
         for event in events {
-            sqlx::query(
+            // Versions only go up: the relay publishes an aggregate in write
+            // order, which is then version order. A version at or below one
+            // already stored inserts nothing and is refused below.
+            let inserted = sqlx::query(
                 "INSERT INTO outbox (id, aggregate_type, aggregate_id, aggregate_version, event_type,
                     payload, occurred_at, traceparent, correlation_id, causation_id,
                     next_attempt_at, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12
+                 WHERE NOT EXISTS (SELECT 1 FROM outbox
+                    WHERE aggregate_type = ?2 AND aggregate_id = ?3 AND aggregate_version >= ?4)",
             )
             .bind(event.id.to_string())
             .bind(&event.aggregate_type)
@@ -157,7 +163,14 @@ impl SqliteOutbox {
             .bind(now)
             .execute(&mut *conn)
             .await
-            .map_err(map)?;
+            .map_err(map)?
+            .rows_affected();
+            if inserted == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "{}/{} already has version {} or a later one",
+                    event.aggregate_type, event.aggregate_id, event.aggregate_version
+                )));
+            }
         }
         Ok(())
     }

@@ -184,22 +184,49 @@ pub async fn invalid_events_write_nothing<H: StoreHarness>(h: H, _: StoreFeature
 }
 
 /// Two writers appending the same aggregate version: the second fails with
-/// a conflict and its business change is rolled back.
+/// a conflict and its business change is rolled back. A version below one
+/// already stored is refused too, so write order is version order.
 pub async fn version_conflict_is_refused<H: StoreHarness>(h: H, features: StoreFeatures) {
     if !features.version_conflicts {
         return;
     }
-    commit(&h, "first", &[order_event("o-1", 1, "OrderCreated")]).await;
+    commit(
+        &h,
+        "first",
+        &[
+            order_event("o-1", 1, "OrderCreated"),
+            order_event("o-1", 3, "OrderPaid"),
+        ],
+    )
+    .await;
+    for (key, version) in [("same", 3), ("older", 2)] {
+        let err = h
+            .write(key, &[order_event("o-1", version, "OrderUpdated")], true)
+            .await
+            .expect_err("a version at or below the stored one was accepted");
+        assert!(
+            matches!(err, StoreError::Conflict(_)),
+            "expected Conflict, got {err:?}"
+        );
+        assert!(!h.business_row_exists(key).await.expect("read"));
+    }
     let err = h
-        .write("second", &[order_event("o-1", 1, "OrderCreated")], true)
+        .write(
+            "backwards",
+            &[
+                order_event("o-2", 2, "OrderPaid"),
+                order_event("o-2", 1, "OrderCreated"),
+            ],
+            true,
+        )
         .await
-        .expect_err("duplicate version accepted");
+        .expect_err("versions going down within one append were accepted");
     assert!(
         matches!(err, StoreError::Conflict(_)),
         "expected Conflict, got {err:?}"
     );
-    assert!(!h.business_row_exists("second").await.expect("read"));
-    assert_eq!(stats(&h).await.pending, 1);
+    assert_eq!(stats(&h).await.pending, 2);
+    commit(&h, "next", &[order_event("o-1", 4, "OrderShipped")]).await;
 }
 
 /// Events of one aggregate are published in version order, across
