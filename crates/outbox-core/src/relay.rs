@@ -232,6 +232,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         &self,
         mut shutdown: Option<&mut Shutdown<'_, F>>,
     ) -> Result<BatchReport, StoreError> {
+        let started = tokio::time::Instant::now();
         let claimed = self
             .source
             .claim(ClaimRequest::new(self.config.batch_size, self.config.lease))
@@ -248,6 +249,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             .claimed
             .fetch_add(count as u64, Ordering::Relaxed);
 
+        let claimed_at = tokio::time::Instant::now();
         let mut settlements = Settlements::default();
         let mut blocked: HashSet<Key> = HashSet::new();
         let mut stopping = false;
@@ -282,6 +284,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             released: settlements.released.len(),
         };
         let m = &self.metrics;
+        let published_at = tokio::time::Instant::now();
         let applied = self
             .source
             .settle(claimed.lease, settlements)
@@ -297,6 +300,13 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 "relay: lease expired before settling"
             );
         }
+        tracing::trace!(
+            events = count,
+            claim_us = (claimed_at - started).as_micros() as u64,
+            publish_us = (published_at - claimed_at).as_micros() as u64,
+            settle_us = published_at.elapsed().as_micros() as u64,
+            "relay: batch"
+        );
         // Counted once recorded, so the totals match the store.
         m.published
             .fetch_add(report.published as u64, Ordering::Relaxed);

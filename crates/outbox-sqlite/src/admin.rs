@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use outbox_core::{DeadLetter, DeadLetters, OutboxStats, Purge, ReplaySelector, Stats, StoreError};
 
 use crate::error::map;
-use crate::source::{event_from_row, EVENT_COLUMNS};
+use crate::rows::{self, rows_as_json};
 use crate::SqliteOutbox;
 
 /// Rows deleted per statement when purging, so writers are never locked out for long.
@@ -32,23 +32,29 @@ impl Stats for SqliteOutbox {
 
 impl DeadLetters for SqliteOutbox {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM outbox WHERE status = 'dead' ORDER BY position LIMIT ?"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map)?;
-        rows.iter()
-            .map(|row| {
-                let (_, event, attempts) = event_from_row(row)?;
-                let last_error = sqlx::Row::try_get(row, "last_error").map_err(map)?;
-                Ok(DeadLetter {
-                    event,
-                    attempts,
-                    last_error,
-                })
+        let json: String = sqlx::query_scalar(rows_as_json!(
+            "SELECT * FROM outbox WHERE status = 'dead' ORDER BY position LIMIT ?1"
+        ))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map)?;
+        let mut rows = rows::decode(&json)?;
+        // Oldest first: an aggregate in JSON gives no order.
+        rows.sort_by_key(|row| match row {
+            Ok(stored) => stored.position,
+            Err((position, _)) => *position,
+        });
+        rows.into_iter()
+            .map(|row| match row {
+                Ok(stored) => Ok(DeadLetter {
+                    event: stored.event,
+                    attempts: stored.attempts,
+                    last_error: stored.last_error,
+                }),
+                Err((position, e)) => Err(StoreError::Backend(
+                    format!("dead letter at position {position} cannot be read: {e}").into(),
+                )),
             })
             .collect()
     }

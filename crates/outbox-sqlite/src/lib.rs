@@ -4,6 +4,7 @@ mod admin;
 mod error;
 mod inbox;
 mod migrate;
+mod rows;
 mod source;
 
 use std::path::Path;

@@ -2,50 +2,16 @@
 
 use std::time::Duration;
 
+use crate::error::map;
+use crate::rows::{self, rows_as_json};
+use crate::SqliteOutbox;
 use chrono::{DateTime, SecondsFormat, Utc};
 use outbox_core::{
-    ClaimRequest, ClaimSource, Claimed, ClaimedEvent, Event, EventId, LeaseId, Metadata, Payload,
-    Settlements, StoreError,
+    ClaimRequest, ClaimSource, Claimed, ClaimedEvent, LeaseId, Settlements, StoreError,
 };
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
-
-use crate::error::{corrupt, map};
-use crate::SqliteOutbox;
 
 pub(crate) fn format_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-/// The envelope columns, in the order [`event_from_row`] reads them.
-pub(crate) const EVENT_COLUMNS: &str = "position, id, aggregate_type, aggregate_id, aggregate_version, \
-     event_type, payload, occurred_at, traceparent, correlation_id, causation_id, attempts, last_error";
-
-pub(crate) fn event_from_row(row: &SqliteRow) -> Result<(i64, Event, u32), StoreError> {
-    let get_str = |col: &str| row.try_get::<String, _>(col).map_err(corrupt);
-    let position: i64 = row.try_get("position").map_err(corrupt)?;
-    let id: EventId = get_str("id")?.parse().map_err(corrupt)?;
-    let version: i64 = row.try_get("aggregate_version").map_err(corrupt)?;
-    let occurred_at = DateTime::parse_from_rfc3339(&get_str("occurred_at")?)
-        .map_err(|e| corrupt(format!("occurred_at: {e}")))?
-        .with_timezone(&Utc);
-    let attempts: i64 = row.try_get("attempts").map_err(corrupt)?;
-    let event = Event {
-        id,
-        aggregate_type: get_str("aggregate_type")?,
-        aggregate_id: get_str("aggregate_id")?,
-        aggregate_version: u64::try_from(version)
-            .map_err(|_| corrupt("negative aggregate_version"))?,
-        event_type: get_str("event_type")?,
-        payload: Payload::from_json(get_str("payload")?).map_err(corrupt)?,
-        occurred_at,
-        metadata: Metadata {
-            traceparent: row.try_get("traceparent").map_err(corrupt)?,
-            correlation_id: row.try_get("correlation_id").map_err(corrupt)?,
-            causation_id: row.try_get("causation_id").map_err(corrupt)?,
-        },
-    };
-    Ok((position, event, u32::try_from(attempts).unwrap_or(u32::MAX)))
 }
 
 /// `[[position, time, error], ...]`: a batch's settlements as one JSON
@@ -87,31 +53,53 @@ impl ClaimSource for SqliteOutbox {
     async fn claim(&self, request: ClaimRequest) -> Result<Claimed<i64>, StoreError> {
         let lease = LeaseId::new();
         let now = Utc::now().timestamp_millis();
-        // One statement, so the claim is atomic. An event is claimable when it
-        // is due and no earlier pending event of its aggregate is held; taking
-        // the first `limit` such events in write order gives each aggregate a
-        // prefix of its queue.
-        let rows = sqlx::query(CLAIM)
-            .bind(now.saturating_add(millis(request.lease)))
-            .bind(lease.to_string())
+        // Read and lease in one IMMEDIATE transaction, so two relays (even in
+        // two processes) never take the same events.
+        let mut tx = self.begin().await?;
+        let json: String = sqlx::query_scalar(CLAIMABLE)
             .bind(now)
             .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_one(&mut *tx)
             .await
             .map_err(map)?;
+        let rows = rows::decode(&json)?;
+        if rows.is_empty() {
+            tx.commit().await.map_err(map)?;
+            return Ok(Claimed {
+                lease,
+                events: Vec::new(),
+            });
+        }
+        let positions: Vec<i64> = rows
+            .iter()
+            .map(|r| match r {
+                Ok(stored) => stored.position,
+                Err((position, _)) => *position,
+            })
+            .collect();
+        let positions =
+            serde_json::to_string(&positions).map_err(|e| StoreError::Backend(Box::new(e)))?;
+        sqlx::query(
+            "UPDATE outbox SET next_attempt_at = ?1, lease_id = ?2
+             WHERE position IN (SELECT value FROM json_each(?3))",
+        )
+        .bind(now.saturating_add(millis(request.lease)))
+        .bind(lease.to_string())
+        .bind(positions)
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+
         let mut events = Vec::with_capacity(rows.len());
         let mut malformed = Vec::new();
-        for row in &rows {
-            match event_from_row(row) {
-                Ok((position, event, attempts)) => events.push(ClaimedEvent {
-                    event,
-                    attempts,
-                    receipt: position,
+        for row in rows {
+            match row {
+                Ok(stored) => events.push(ClaimedEvent {
+                    event: stored.event,
+                    attempts: stored.attempts,
+                    receipt: stored.position,
                 }),
-                Err(e) => {
-                    let position: i64 = row.try_get("position").map_err(map)?;
-                    malformed.push((position, e.to_string()));
-                }
+                Err((position, e)) => malformed.push((position, e.to_string())),
             }
         }
         if !malformed.is_empty() {
@@ -121,16 +109,16 @@ impl ClaimSource for SqliteOutbox {
                 count = malformed.len(),
                 "outbox: dead-lettering malformed rows"
             );
-            self.settle(
-                lease,
-                Settlements {
-                    dead: malformed,
-                    ..Settlements::default()
-                },
-            )
-            .await?;
+            let rows = rows_json(malformed.iter().map(|(p, e)| (*p, None, Some(e.as_str()))))?;
+            sqlx::query(SETTLE_DEAD)
+                .bind(rows)
+                .bind(lease.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(map)?;
         }
-        // RETURNING gives no order; the relay needs write order.
+        tx.commit().await.map_err(map)?;
+        // An aggregate in JSON gives no order; the relay needs write order.
         events.sort_unstable_by_key(|c| c.receipt);
         Ok(Claimed { lease, events })
     }
@@ -184,18 +172,19 @@ impl ClaimSource for SqliteOutbox {
     }
 }
 
-const CLAIM: &str = "UPDATE outbox SET next_attempt_at = ?1, lease_id = ?2
-     WHERE position IN (
-        SELECT o.position FROM outbox AS o
-        WHERE o.status = 'pending' AND o.next_attempt_at <= ?3
-          AND NOT EXISTS (
-            SELECT 1 FROM outbox AS held
-            WHERE held.status = 'pending'
-              AND held.aggregate_type = o.aggregate_type
-              AND held.aggregate_id = o.aggregate_id
-              AND held.next_attempt_at > ?3
-              AND held.position < o.position)
-        ORDER BY o.position
-        LIMIT ?4)
-     RETURNING position, id, aggregate_type, aggregate_id, aggregate_version, event_type,
-        payload, occurred_at, traceparent, correlation_id, causation_id, attempts, last_error";
+/// Pending events that are due and that no earlier pending event of their
+/// aggregate holds back (backing off, or claimed by another relay); the
+/// first `?2` of them in write order give each aggregate a prefix of its queue.
+const CLAIMABLE: &str = rows_as_json!(
+    "SELECT * FROM outbox AS o
+     WHERE o.status = 'pending' AND o.next_attempt_at <= ?1
+       AND NOT EXISTS (
+         SELECT 1 FROM outbox AS held
+         WHERE held.status = 'pending'
+           AND held.aggregate_type = o.aggregate_type
+           AND held.aggregate_id = o.aggregate_id
+           AND held.next_attempt_at > ?1
+           AND held.position < o.position)
+     ORDER BY o.position
+     LIMIT ?2"
+);
