@@ -16,7 +16,7 @@ use crate::error::map;
 /// if inbox.record(&mut tx, "shipping", id).await? == Seen::First {
 ///     // apply the event with `tx` here
 /// }
-/// tx.commit().await.map_err(|e| outbox_core::StoreError::Backend(e.into()))?;
+/// tx.commit().await?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Copy, Default)]

@@ -6,6 +6,7 @@ mod inbox;
 mod migrate;
 mod rows;
 mod source;
+mod write;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -15,10 +16,11 @@ use std::time::Duration;
 use chrono::Utc;
 use outbox_core::{Event, StoreError};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
-use tokio::sync::Notify;
+use sqlx::{SqliteConnection, SqlitePool};
+use tokio::sync::{Mutex, Notify};
 
 pub use inbox::SqliteInbox;
+pub use write::WriteTx;
 
 use crate::error::map;
 
@@ -32,6 +34,8 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 pub struct SqliteOutbox {
     pool: SqlitePool,
     committed: Arc<Notify>,
+    /// Whose turn it is to write (see [`WriteTx`]).
+    writer: Arc<Mutex<()>>,
     max_payload_bytes: usize,
 }
 
@@ -93,6 +97,7 @@ impl SqliteOutbox {
         Ok(Self {
             pool,
             committed: Arc::new(Notify::new()),
+            writer: Arc::new(Mutex::new(())),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         })
     }
@@ -107,10 +112,13 @@ impl SqliteOutbox {
         &self.pool
     }
 
-    /// Starts a write transaction (`BEGIN IMMEDIATE`, so it waits for the
-    /// write lock up front instead of failing when it first writes).
-    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)
+    /// Starts a write transaction when it is this caller's turn among the
+    /// process's writers (see [`WriteTx`]); `BEGIN IMMEDIATE`, so it holds
+    /// SQLite's write lock from the start instead of failing at its first write.
+    pub async fn begin(&self) -> Result<WriteTx, StoreError> {
+        let turn = self.writer.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
+        Ok(WriteTx::new(tx, turn))
     }
 
     /// Appends `events` inside the caller's transaction: they are stored if
@@ -178,8 +186,8 @@ impl SqliteOutbox {
 
     /// Commits the caller's transaction and wakes the relays of this process
     /// at once (others find the events at their next poll).
-    pub async fn commit(&self, tx: Transaction<'_, Sqlite>) -> Result<(), StoreError> {
-        tx.commit().await.map_err(map)?;
+    pub async fn commit(&self, tx: WriteTx) -> Result<(), StoreError> {
+        tx.commit().await?;
         self.notify_committed();
         Ok(())
     }

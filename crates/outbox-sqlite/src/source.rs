@@ -64,7 +64,7 @@ impl ClaimSource for SqliteOutbox {
             .map_err(map)?;
         let rows = rows::decode(&json)?;
         if rows.is_empty() {
-            tx.commit().await.map_err(map)?;
+            tx.commit().await?;
             return Ok(Claimed {
                 lease,
                 events: Vec::new(),
@@ -117,7 +117,7 @@ impl ClaimSource for SqliteOutbox {
                 .await
                 .map_err(map)?;
         }
-        tx.commit().await.map_err(map)?;
+        tx.commit().await?;
         // An aggregate in JSON gives no order; the relay needs write order.
         events.sort_unstable_by_key(|c| c.receipt);
         Ok(Claimed { lease, events })
@@ -163,7 +163,7 @@ impl ClaimSource for SqliteOutbox {
                 .map_err(map)?
                 .rows_affected();
         }
-        tx.commit().await.map_err(map)?;
+        tx.commit().await?;
         Ok(applied)
     }
 

@@ -46,7 +46,7 @@ impl StoreHarness for Sqlite {
         if commit {
             self.outbox.commit(tx).await
         } else {
-            tx.rollback().await.map_err(db)
+            tx.rollback().await
         }
     }
 
@@ -68,9 +68,9 @@ impl StoreHarness for Sqlite {
         let mut tx = self.outbox.begin().await?;
         let seen = SqliteInbox.record(&mut tx, consumer, id).await?;
         if commit {
-            tx.commit().await.map_err(db)?;
+            tx.commit().await?;
         } else {
-            tx.rollback().await.map_err(db)?;
+            tx.rollback().await?;
         }
         Ok(seen)
     }

@@ -121,7 +121,7 @@ impl Shop for SqliteShop {
                 Shipped::AppliedAfterGap
             }
         };
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(outcome)
     }
 
