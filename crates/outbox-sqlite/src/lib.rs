@@ -28,6 +28,10 @@ use crate::error::map;
 /// 1 GB; brokers take far less (EventBridge and SNS: 256 KiB a message).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
+/// Longest wait for SQLite's write lock (busy timeout) and, within the
+/// process, for the turn to write.
+const WRITE_TURN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The outbox in a SQLite database: append events in your transaction,
 /// hand the same value to a [`outbox_core::Relay`] to publish them.
 #[derive(Debug, Clone)]
@@ -36,6 +40,7 @@ pub struct SqliteOutbox {
     committed: Arc<Notify>,
     /// Whose turn it is to write (see [`WriteTx`]).
     writer: Arc<Mutex<()>>,
+    write_turn_timeout: Duration,
     max_payload_bytes: usize,
 }
 
@@ -74,7 +79,7 @@ impl SqliteOutbox {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(WRITE_TURN_TIMEOUT)
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -98,8 +103,16 @@ impl SqliteOutbox {
             pool,
             committed: Arc::new(Notify::new()),
             writer: Arc::new(Mutex::new(())),
+            write_turn_timeout: WRITE_TURN_TIMEOUT,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         })
+    }
+
+    /// How long [`SqliteOutbox::begin`] waits for the turn to write before
+    /// failing with a retryable error (default 10 s).
+    pub fn write_turn_timeout(mut self, wait: Duration) -> Self {
+        self.write_turn_timeout = wait;
+        self
     }
 
     /// Refuses payloads larger than `bytes` at append time.
@@ -116,7 +129,16 @@ impl SqliteOutbox {
     /// process's writers (see [`WriteTx`]); `BEGIN IMMEDIATE`, so it holds
     /// SQLite's write lock from the start instead of failing at its first write.
     pub async fn begin(&self) -> Result<WriteTx, StoreError> {
-        let turn = self.writer.clone().lock_owned().await;
+        // Bounded like SQLite's own busy timeout: a caller that begins a
+        // second transaction while holding one gets an error, not a hang.
+        let wait = self.write_turn_timeout;
+        let turn = tokio::time::timeout(wait, self.writer.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(
+                    format!("no write turn within {wait:?}: another write transaction of this process is still open").into(),
+                )
+            })?;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
         Ok(WriteTx::new(tx, turn))
     }

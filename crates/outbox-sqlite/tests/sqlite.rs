@@ -150,3 +150,19 @@ async fn a_malformed_row_is_dead_lettered_and_the_rest_still_flows() {
             .unwrap();
     assert!(error.contains("malformed outbox row"), "{error}");
 }
+
+/// A second write transaction begun while the first is open gets an error
+/// after the busy timeout instead of waiting forever.
+#[tokio::test]
+async fn a_nested_write_transaction_times_out_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir)
+        .await
+        .write_turn_timeout(Duration::from_millis(200));
+    let held = outbox.begin().await.unwrap();
+    let err = outbox.begin().await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(err.to_string().contains("write turn"), "{err}");
+    held.rollback().await.unwrap();
+    outbox.begin().await.unwrap().commit().await.unwrap();
+}
