@@ -49,6 +49,10 @@ pub struct DemoArgs {
     /// Share of orders later cancelled in a transaction of their own.
     #[arg(long, default_value_t = 0.1)]
     cancel_rate: f64,
+    /// Orders placed a second (0: as fast as the database takes them, which
+    /// measures queueing more than delivery).
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
 }
 
 /// The demo's result; the JSON form is the contract of `--json`.
@@ -70,6 +74,8 @@ struct Summary {
 }
 
 const SOURCE: &str = "urn:outbox:demo:order-service";
+/// Most deliveries the Shipping service applies in one transaction.
+const CONSUMER_BATCH: usize = 100;
 /// Restarts happen at random within this range while orders are written.
 const KILL_EVERY_MS: std::ops::Range<u64> = 150..600;
 
@@ -192,6 +198,7 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
     let writer = tokio::spawn(write_orders(
         shop.clone(),
         args.orders,
+        args.rate,
         args.cancel_rate,
         written.clone(),
         orders_placed.clone(),
@@ -310,13 +317,22 @@ async fn retrying<T, F: std::future::Future<Output = Result<T, StoreError>>>(
 async fn write_orders<S: Shop>(
     shop: S,
     orders: u64,
+    rate: u64,
     cancel_rate: f64,
     written: Arc<AtomicU64>,
     placed: Arc<AtomicU64>,
 ) -> Result<HashMap<EventId, Instant>, CliError> {
     let mut commits = HashMap::new();
     let mut ids: Vec<String> = Vec::with_capacity(orders as usize);
+    let mut pace = (rate > 0).then(|| {
+        let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        every
+    });
     for n in 0..orders {
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
         let order = NewOrder::random(n);
         let events = retrying(|| shop.place_order(&order)).await?;
         let now = Instant::now();
@@ -331,8 +347,6 @@ async fn write_orders<S: Shop>(
                 commits.insert(event.id, Instant::now());
             }
         }
-        // Let the relay and the consumer share the single SQLite writer.
-        tokio::task::yield_now().await;
     }
     Ok(commits)
 }
@@ -347,33 +361,55 @@ async fn consume<S: Shop>(
 ) -> HashMap<EventId, Instant> {
     let mut first_delivery = HashMap::new();
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             biased;
             d = subscriber.recv() => match d { Some(d) => d, None => break },
             _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => break,
         };
+        // Whatever else has arrived is handled in the same transaction.
+        let mut deliveries = vec![first];
+        while deliveries.len() < CONSUMER_BATCH {
+            match subscriber.try_recv() {
+                Some(d) => deliveries.push(d),
+                None => break,
+            }
+        }
         let received_at = Instant::now();
-        let outcome = match cloudevents::from_json(&delivery.body) {
-            Ok(received) => retrying(|| shop.ship(&received.event)).await,
-            Err(e) => Err(StoreError::Invalid(e)),
-        };
-        let counter = match outcome {
-            Ok(Shipped::Duplicate) => &seen.duplicates,
-            Ok(Shipped::OutOfOrder) => &seen.out_of_order,
-            Ok(shipped) => {
-                if shipped == Shipped::AppliedAfterGap {
-                    seen.gaps.fetch_add(1, Ordering::Relaxed);
+        let mut events = Vec::with_capacity(deliveries.len());
+        for delivery in &deliveries {
+            match cloudevents::from_json(&delivery.body) {
+                Ok(received) => events.push(received.event),
+                Err(e) => {
+                    tracing::error!(id = %delivery.id, error = %e, "shipping: not a CloudEvent");
+                    seen.errors.fetch_add(1, Ordering::Relaxed);
                 }
-                first_delivery.insert(delivery.id, received_at);
-                &seen.unique
+            }
+        }
+        match retrying(|| shop.ship(&events)).await {
+            Ok(outcomes) => {
+                for (event, outcome) in events.iter().zip(outcomes) {
+                    let counter = match outcome {
+                        Shipped::Duplicate => &seen.duplicates,
+                        Shipped::OutOfOrder => &seen.out_of_order,
+                        Shipped::Applied | Shipped::AppliedAfterGap => {
+                            if outcome == Shipped::AppliedAfterGap {
+                                seen.gaps.fetch_add(1, Ordering::Relaxed);
+                            }
+                            first_delivery.insert(event.id, received_at);
+                            &seen.unique
+                        }
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e) => {
-                tracing::error!(id = %delivery.id, error = %e, "shipping: cannot process delivery");
-                &seen.errors
+                tracing::error!(error = %e, count = events.len(), "shipping: cannot process deliveries");
+                seen.errors
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
             }
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        seen.deliveries.fetch_add(1, Ordering::Relaxed);
+        }
+        seen.deliveries
+            .fetch_add(deliveries.len() as u64, Ordering::Relaxed);
     }
     first_delivery
 }

@@ -104,9 +104,12 @@ pub trait Shop: Send + Sync + Clone + 'static {
         order_id: &str,
     ) -> impl Future<Output = Result<Option<Event>, StoreError>> + Send;
 
-    /// The Shipping service: applies an event once, inbox and shipment in one
-    /// transaction.
-    fn ship(&self, event: &Event) -> impl Future<Output = Result<Shipped, StoreError>> + Send;
+    /// The Shipping service: applies each event once, inbox records and
+    /// shipments of the whole batch in one transaction; one outcome per event.
+    fn ship(
+        &self,
+        events: &[Event],
+    ) -> impl Future<Output = Result<Vec<Shipped>, StoreError>> + Send;
 
     fn audit(&self) -> impl Future<Output = Result<Audit, StoreError>> + Send;
 }

@@ -89,22 +89,26 @@ impl Shop for SqliteShop {
         Ok(Some(event))
     }
 
-    async fn ship(&self, event: &Event) -> Result<Shipped, StoreError> {
+    async fn ship(&self, events: &[Event]) -> Result<Vec<Shipped>, StoreError> {
         let mut tx = self.outbox.begin().await?;
-        if SqliteInbox.record(&mut tx, CONSUMER, event.id).await? == Seen::Duplicate {
-            return Ok(Shipped::Duplicate);
-        }
-        let applied: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(MAX(order_version), 0) FROM shipments WHERE order_id = ?",
-        )
-        .bind(&event.aggregate_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        let version = event.aggregate_version as i64;
-        let outcome = if version <= applied {
-            Shipped::OutOfOrder
-        } else {
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            if SqliteInbox.record(&mut tx, CONSUMER, event.id).await? == Seen::Duplicate {
+                outcomes.push(Shipped::Duplicate);
+                continue;
+            }
+            let applied: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(MAX(order_version), 0) FROM shipments WHERE order_id = ?",
+            )
+            .bind(&event.aggregate_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            let version = event.aggregate_version as i64;
+            if version <= applied {
+                outcomes.push(Shipped::OutOfOrder);
+                continue;
+            }
             sqlx::query(
                 "INSERT INTO shipments (order_id, status, order_version) VALUES (?1, ?2, ?3)
                  ON CONFLICT (order_id) DO UPDATE SET status = ?2, order_version = ?3",
@@ -115,14 +119,14 @@ impl Shop for SqliteShop {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-            if version == applied + 1 {
+            outcomes.push(if version == applied + 1 {
                 Shipped::Applied
             } else {
                 Shipped::AppliedAfterGap
-            }
-        };
+            });
+        }
         tx.commit().await?;
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     async fn audit(&self) -> Result<Audit, StoreError> {
