@@ -24,7 +24,7 @@ pub struct BenchArgs {
     #[arg(long)]
     store: Option<StoreUrl>,
     /// The broker to publish to.
-    #[arg(long, value_parser = crate::parse_target, default_value = "null://")]
+    #[arg(long, default_value = "null://")]
     to: TargetUrl,
     /// Size of the backlog to drain.
     #[arg(long, default_value_t = 100_000)]

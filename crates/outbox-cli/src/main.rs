@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use target::{StoreUrl, TargetUrl};
+use target::StoreUrl;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -167,9 +167,4 @@ pub fn print_json(value: &impl serde::Serialize) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("error: cannot render JSON: {e}"),
     }
-}
-
-/// Accepts `TargetUrl` in clap arguments.
-pub fn parse_target(s: &str) -> Result<TargetUrl, String> {
-    s.parse()
 }

@@ -14,7 +14,7 @@ pub struct RelayArgs {
     #[arg(long)]
     store: StoreUrl,
     /// Where to publish: stdout://, null://.
-    #[arg(long, value_parser = crate::parse_target)]
+    #[arg(long)]
     to: TargetUrl,
     /// CloudEvents `source` of the published events.
     #[arg(long, default_value = outbox_core::publish::DEFAULT_SOURCE)]

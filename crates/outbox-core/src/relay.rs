@@ -1,7 +1,7 @@
 //! The relay engine: claim due events, publish them in per-aggregate order,
 //! settle each one's fate (published, retry later, dead-letter, release).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -142,12 +142,6 @@ pub struct Relay<S, P> {
     metrics: Arc<RelayMetrics>,
 }
 
-type Key = (String, String);
-
-fn key(event: &Event) -> Key {
-    (event.aggregate_type.clone(), event.aggregate_id.clone())
-}
-
 impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     pub fn new(source: S, publisher: P, config: RelayConfig) -> Result<Self, StoreError> {
         config.validate()?;
@@ -251,26 +245,36 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
 
         let claimed_at = tokio::time::Instant::now();
         let mut settlements = Settlements::default();
-        let mut blocked: HashSet<Key> = HashSet::new();
+        let (aggregates, waves) = into_waves(claimed.events);
+        // Aggregates with a failure in this batch: their later events wait.
+        let mut blocked = vec![false; aggregates];
         let mut stopping = false;
-        for wave in into_waves(claimed.events) {
+        for wave in waves {
             stopping = stopping || shutdown.as_mut().is_some_and(|s| s.fired());
             let (send, held): (Vec<_>, Vec<_>) = wave
                 .into_iter()
-                .partition(|c| !stopping && !blocked.contains(&key(&c.event)));
+                .partition(|(aggregate, _)| !stopping && !blocked[*aggregate]);
             settlements
                 .released
-                .extend(held.into_iter().map(|c| c.receipt));
+                .extend(held.into_iter().map(|(_, c)| c.receipt));
             if send.is_empty() {
                 continue;
             }
-            let results = self.publish_wave(&send).await;
-            for (claimed, result) in send.into_iter().zip(results) {
+            // The events go to the publisher by reference; what settling
+            // needs stays beside them.
+            let (events, tickets): (Vec<Event>, Vec<_>) = send
+                .into_iter()
+                .map(|(aggregate, c)| (c.event, (aggregate, c.attempts, c.receipt)))
+                .unzip();
+            let results = self.publish_wave(&events).await;
+            for ((event, (aggregate, attempts, receipt)), result) in
+                events.iter().zip(tickets).zip(results)
+            {
                 match result {
-                    Ok(()) => settlements.published.push(claimed.receipt),
+                    Ok(()) => settlements.published.push(receipt),
                     Err(error) => {
-                        blocked.insert(key(&claimed.event));
-                        self.settle_failure(claimed, error, &mut settlements);
+                        blocked[aggregate] = true;
+                        self.settle_failure(event, attempts, receipt, error, &mut settlements);
                     }
                 }
             }
@@ -321,47 +325,45 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
 
     fn settle_failure(
         &self,
-        claimed: ClaimedEvent<S::Receipt>,
+        event: &Event,
+        attempts: u32,
+        receipt: S::Receipt,
         error: PublishError,
         settlements: &mut Settlements<S::Receipt>,
     ) {
-        let attempts = claimed.attempts.saturating_add(1);
-        let id = claimed.event.id;
+        let attempts = attempts.saturating_add(1);
+        let id = event.id;
         match error.disposition() {
             Disposition::Permanent => {
                 tracing::warn!(%id, %error, "relay: permanent failure, dead-lettering");
                 settlements
                     .dead
-                    .push((claimed.receipt, format!("permanent: {error}")));
+                    .push((receipt, format!("permanent: {error}")));
             }
             _ if self.config.retry.exhausted(attempts) => {
                 tracing::warn!(%id, %error, attempts, "relay: out of attempts, dead-lettering");
                 settlements.dead.push((
-                    claimed.receipt,
+                    receipt,
                     format!("gave up after {attempts} attempts: {error}"),
                 ));
             }
             disposition => {
-                let backoff = self.config.retry.backoff(attempts);
                 let delay = match disposition {
                     // The target knows best when it can take more.
                     Disposition::RetryAfter(after) => after,
-                    _ => backoff,
+                    _ => self.config.retry.backoff(attempts),
                 };
                 let at =
                     Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
                 tracing::debug!(%id, %error, attempts, ?delay, "relay: transient failure");
-                settlements
-                    .retry
-                    .push((claimed.receipt, at, error.to_string()));
+                settlements.retry.push((receipt, at, error.to_string()));
             }
         }
     }
 
     /// Publishes one wave (at most one event per aggregate) in calls of the
     /// publisher's batch size, several calls at once.
-    async fn publish_wave(&self, wave: &[ClaimedEvent<S::Receipt>]) -> Vec<PublishResult> {
-        let events: Vec<Event> = wave.iter().map(|c| c.event.clone()).collect();
+    async fn publish_wave(&self, events: &[Event]) -> Vec<PublishResult> {
         let chunk = self.publisher.max_batch_size().max(1);
         // Futures collected first: a closure in the stream would make the
         // relay's future lose `Send` (rust-lang/rust#102211).
@@ -399,18 +401,27 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
 /// Splits a claim into waves: wave k holds the k-th claimed event of every
 /// aggregate, so no publish call carries two events of one aggregate and an
 /// aggregate's next event is only sent once its previous one is confirmed.
-fn into_waves<R>(events: Vec<ClaimedEvent<R>>) -> Vec<Vec<ClaimedEvent<R>>> {
-    let mut seen: HashMap<Key, usize> = HashMap::new();
-    let mut waves: Vec<Vec<ClaimedEvent<R>>> = Vec::new();
+/// Each event comes with its aggregate's number, below the returned count.
+type Waves<R> = Vec<Vec<(usize, ClaimedEvent<R>)>>;
+
+fn into_waves<R>(events: Vec<ClaimedEvent<R>>) -> (usize, Waves<R>) {
+    // Per aggregate: its number and the wave its next event goes to.
+    let mut seen: HashMap<(String, String), (usize, usize)> = HashMap::new();
+    let mut waves: Waves<R> = Vec::new();
     for claimed in events {
-        let slot = seen.entry(key(&claimed.event)).or_insert(0);
+        let next = seen.len();
+        let key = (
+            claimed.event.aggregate_type.clone(),
+            claimed.event.aggregate_id.clone(),
+        );
+        let (aggregate, slot) = seen.entry(key).or_insert((next, 0));
         if waves.len() <= *slot {
             waves.push(Vec::new());
         }
-        waves[*slot].push(claimed);
+        waves[*slot].push((*aggregate, claimed));
         *slot += 1;
     }
-    waves
+    (seen.len(), waves)
 }
 
 /// The caller's shutdown future, asked "has it fired?" without waiting, as
@@ -459,7 +470,7 @@ mod tests {
 
     #[test]
     fn waves_hold_one_event_per_aggregate_in_order() {
-        let waves = into_waves(vec![
+        let (aggregates, waves) = into_waves(vec![
             claimed("a", 1),
             claimed("b", 1),
             claimed("a", 2),
@@ -471,7 +482,7 @@ mod tests {
             .iter()
             .map(|w| {
                 w.iter()
-                    .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
+                    .map(|(_, c)| (c.event.aggregate_id.clone(), c.event.aggregate_version))
                     .collect()
             })
             .collect();
@@ -483,6 +494,7 @@ mod tests {
                 vec![("a".into(), 3)],
             ]
         );
+        assert_eq!(aggregates, 3);
     }
 
     #[test]

@@ -41,10 +41,7 @@ impl DeadLetters for SqliteOutbox {
         .map_err(map)?;
         let mut rows = rows::decode(&json)?;
         // Oldest first: an aggregate in JSON gives no order.
-        rows.sort_by_key(|row| match row {
-            Ok(stored) => stored.position,
-            Err((position, _)) => *position,
-        });
+        rows.sort_by_key(rows::position);
         rows.into_iter()
             .map(|row| match row {
                 Ok(stored) => Ok(DeadLetter {
@@ -90,6 +87,8 @@ impl Purge for SqliteOutbox {
         let cutoff = before.timestamp_millis();
         let mut purged = 0;
         loop {
+            // Each chunk takes its write turn like any writer of the process.
+            let mut tx = self.begin().await?;
             let deleted = sqlx::query(
                 "DELETE FROM outbox WHERE position IN (
                     SELECT position FROM outbox
@@ -97,10 +96,11 @@ impl Purge for SqliteOutbox {
             )
             .bind(cutoff)
             .bind(PURGE_CHUNK)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(map)?
             .rows_affected();
+            tx.commit().await?;
             purged += deleted;
             if deleted < PURGE_CHUNK as u64 {
                 return Ok(purged);

@@ -52,6 +52,14 @@ type Row = (
 /// A row that could not be decoded, with its position when that much is readable.
 pub(crate) type Malformed = (i64, StoreError);
 
+/// The position of a decoded or malformed row.
+pub(crate) fn position(row: &Result<StoredEvent, Malformed>) -> i64 {
+    match row {
+        Ok(stored) => stored.position,
+        Err((position, _)) => *position,
+    }
+}
+
 /// Decodes each row on its own, so one damaged row is reported with its
 /// position and does not spoil the rest of the batch.
 pub(crate) fn decode(json: &str) -> Result<Vec<Result<StoredEvent, Malformed>>, StoreError> {

@@ -70,13 +70,7 @@ impl ClaimSource for SqliteOutbox {
                 events: Vec::new(),
             });
         }
-        let positions: Vec<i64> = rows
-            .iter()
-            .map(|r| match r {
-                Ok(stored) => stored.position,
-                Err((position, _)) => *position,
-            })
-            .collect();
+        let positions: Vec<i64> = rows.iter().map(rows::position).collect();
         let positions =
             serde_json::to_string(&positions).map_err(|e| StoreError::Backend(Box::new(e)))?;
         sqlx::query(

@@ -38,7 +38,7 @@ pub struct DemoArgs {
     #[arg(long)]
     store: Option<StoreUrl>,
     /// The broker: the in-process one (memory://).
-    #[arg(long, value_parser = crate::parse_target, default_value = "memory://")]
+    #[arg(long, default_value = "memory://")]
     to: TargetUrl,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
