@@ -6,7 +6,7 @@ use chrono::Utc;
 use clap::Subcommand;
 use outbox_core::{DeadLetters, EventId, Purge, ReplaySelector, Stats};
 
-use crate::target::{Store, StoreUrl};
+use crate::target::{with_store, StoreUrl};
 use crate::{print_json, CliError};
 
 #[derive(Debug, Subcommand)]
@@ -40,8 +40,7 @@ pub async fn status(
     max_pending_age: Option<Duration>,
     fail_on_dead: bool,
 ) -> Result<(), CliError> {
-    let Store::Sqlite(store) = url.open_existing().await?;
-    let stats = store.stats().await?;
+    let stats = with_store!(url.open_existing().await?, s => s.stats().await?);
     let age = stats
         .oldest_pending_at
         .map(|t| (Utc::now() - t).to_std().unwrap_or(Duration::ZERO));
@@ -90,8 +89,7 @@ fn round(d: Duration) -> Duration {
 pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
     match cmd {
         DeadLetterCommand::List { store, limit, json } => {
-            let Store::Sqlite(s) = store.open_existing().await?;
-            let letters = s.dead_letters(limit).await?;
+            let letters = with_store!(store.open_existing().await?, s => s.dead_letters(limit).await?);
             for d in &letters {
                 if json {
                     print_json(d);
@@ -114,13 +112,12 @@ pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
             Ok(())
         }
         DeadLetterCommand::Replay { store, ids, all } => {
-            let Store::Sqlite(s) = store.open_existing().await?;
             let which = if all {
                 ReplaySelector::All
             } else {
                 ReplaySelector::Ids(ids.clone())
             };
-            let replayed = s.replay(which).await?;
+            let replayed = with_store!(store.open_existing().await?, s => s.replay(which).await?);
             println!("replayed {replayed} dead letter(s)");
             if !all && replayed < ids.len() as u64 {
                 return Err(CliError::Usage(format!(
@@ -135,10 +132,10 @@ pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
 }
 
 pub async fn purge(url: &StoreUrl, older_than: Duration) -> Result<(), CliError> {
-    let Store::Sqlite(store) = url.open_existing().await?;
     let age = chrono::Duration::from_std(older_than)
         .map_err(|_| CliError::Usage("--older-than is too large".into()))?;
-    let purged = store.purge_published(Utc::now() - age).await?;
+    let before = Utc::now() - age;
+    let purged = with_store!(url.open_existing().await?, s => s.purge_published(before).await?);
     println!(
         "purged {purged} published event(s) older than {}",
         humantime::format_duration(older_than)

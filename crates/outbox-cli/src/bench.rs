@@ -83,8 +83,12 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         ));
     }
     let (url, _temp) = StoreUrl::or_temporary(args.store.as_ref(), "bench.db")?;
-    let publisher = args.to.publisher("urn:outbox:bench")?;
-    let Store::Sqlite(store) = url.open().await?;
+    let publisher = args.to.publisher("urn:outbox:bench").await?;
+    let Store::Sqlite(store) = url.open().await? else {
+        return Err(CliError::Usage(
+            "bench measures the embedded store: use --store sqlite://FILE".into(),
+        ));
+    };
     let results = measure(store, publisher, &args, &url).await?;
     println!("store {}  ->  {}", results.store, results.to);
     println!(

@@ -6,14 +6,14 @@ use std::time::Duration;
 use clap::Args;
 use outbox_core::{ClaimSource, Publisher, Relay, RelayConfig};
 
-use crate::target::{Store, StoreUrl, TargetUrl};
+use crate::target::{with_store, StoreUrl, TargetUrl};
 use crate::{shutdown_signal, CliError};
 
 #[derive(Debug, Args)]
 pub struct RelayArgs {
     #[arg(long)]
     store: StoreUrl,
-    /// Where to publish: stdout://, null://.
+    /// Where to publish: eventbridge://BUS, sqs://QUEUE, sns://TOPIC_ARN, stdout://, null://.
     #[arg(long)]
     to: TargetUrl,
     /// CloudEvents `source` of the published events.
@@ -43,17 +43,16 @@ pub struct RelayArgs {
 const REPORT_EVERY: Duration = Duration::from_secs(30);
 
 pub async fn run(args: RelayArgs) -> Result<(), CliError> {
-    let publisher = args.to.publisher(&args.source)?;
+    let publisher = args.to.publisher(&args.source).await?;
     let config = RelayConfig::default()
         .batch_size(args.batch_size)
         .max_attempts(args.max_attempts)
         .idle_poll(args.poll)
         .lease(args.lease)
         .publish_timeout(args.publish_timeout);
-    // A relay never creates a database: a mistyped path would idle forever.
-    let Store::Sqlite(store) = args.store.open_existing().await?;
+    let store = args.store.open_existing().await?;
     tracing::info!(store = %args.store, to = %args.to, batch_size = args.batch_size, "relay started");
-    serve(store, publisher, config, args.once).await
+    with_store!(store, s => serve(s, publisher, config, args.once).await)
 }
 
 async fn serve<S: ClaimSource, P: Publisher>(

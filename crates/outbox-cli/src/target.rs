@@ -1,9 +1,12 @@
-//! Stores and brokers named by URL: `sqlite://FILE`, `null://`, `stdout://`...
+//! Stores and brokers named by URL: `sqlite://FILE`, `dynamodb://TABLE`,
+//! `eventbridge://BUS`, `sqs://QUEUE`, `sns://TOPIC_ARN`, `null://`, `stdout://`...
 
 use std::path::PathBuf;
 
 use outbox_core::publishers::{NullPublisher, StdoutPublisher};
 use outbox_core::{PublishRequest, PublishResult, Publisher};
+use outbox_dynamodb::{DynamoOutbox, PollingOutbox, Shape, StreamSource};
+use outbox_lambda::AwsPublisher;
 use outbox_sqlite::SqliteOutbox;
 
 use crate::CliError;
@@ -12,6 +15,24 @@ use crate::CliError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     Sqlite(PathBuf),
+    /// The outbox table on DynamoDB, in the stream shape (read through
+    /// DynamoDB Streams) or the polling shape (`?shape=polling`).
+    DynamoDb { table: String, shape: DynamoShape },
+}
+
+/// Which DynamoDB storage shape a `dynamodb://` store uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DynamoShape {
+    Stream,
+    Polling,
+}
+
+/// DynamoDB table names: 3 to 255 of `a-z A-Z 0-9 _ - .`.
+fn valid_table_name(name: &str) -> bool {
+    (3..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 impl std::str::FromStr for StoreUrl {
@@ -26,8 +47,29 @@ impl std::str::FromStr for StoreUrl {
                 Err("sqlite:// needs a file, as in sqlite://outbox.db".into())
             }
             "sqlite" => Ok(StoreUrl::Sqlite(PathBuf::from(rest))),
+            "dynamodb" => {
+                let (table, query) = rest.split_once('?').unwrap_or((rest, ""));
+                if !valid_table_name(table) {
+                    return Err(format!(
+                        "`{table}` is not a DynamoDB table name (3 to 255 of a-z A-Z 0-9 _ - .)"
+                    ));
+                }
+                let shape = match query {
+                    "" | "shape=stream" => DynamoShape::Stream,
+                    "shape=polling" => DynamoShape::Polling,
+                    other => {
+                        return Err(format!(
+                            "unknown option `{other}` in {url}; expected shape=stream or shape=polling"
+                        ))
+                    }
+                };
+                Ok(StoreUrl::DynamoDb {
+                    table: table.to_owned(),
+                    shape,
+                })
+            }
             other => Err(format!(
-                "unknown store `{other}://`; supported: sqlite://FILE"
+                "unknown store `{other}://`; supported: sqlite://FILE, dynamodb://TABLE[?shape=polling]"
             )),
         }
     }
@@ -37,6 +79,14 @@ impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            StoreUrl::DynamoDb {
+                table,
+                shape: DynamoShape::Stream,
+            } => write!(f, "dynamodb://{table}"),
+            StoreUrl::DynamoDb {
+                table,
+                shape: DynamoShape::Polling,
+            } => write!(f, "dynamodb://{table}?shape=polling"),
         }
     }
 }
@@ -45,7 +95,21 @@ impl std::fmt::Display for StoreUrl {
 #[derive(Debug, Clone)]
 pub enum Store {
     Sqlite(SqliteOutbox),
+    DynamoStream(StreamSource),
+    DynamoPolling(PollingOutbox),
 }
+
+/// Runs `$body` with `$s` bound to whichever store `$store` holds.
+macro_rules! with_store {
+    ($store:expr, $s:ident => $body:expr) => {
+        match $store {
+            $crate::target::Store::Sqlite($s) => $body,
+            $crate::target::Store::DynamoStream($s) => $body,
+            $crate::target::Store::DynamoPolling($s) => $body,
+        }
+    };
+}
+pub(crate) use with_store;
 
 impl StoreUrl {
     /// `url`, or else a SQLite file named `name` in a temporary directory
@@ -62,20 +126,47 @@ impl StoreUrl {
         Ok((url, temp))
     }
 
+    /// Opens the store, creating its database or tables when missing.
     pub async fn open(&self) -> Result<Store, CliError> {
-        match self {
-            StoreUrl::Sqlite(path) => Ok(Store::Sqlite(SqliteOutbox::open(path).await?)),
-        }
+        self.open_with(true).await
     }
 
-    /// Opens a store that must already exist (admin commands never create one).
+    /// Opens a store that must already exist (the relay and admin commands
+    /// never create one: a mistyped name would idle forever).
     pub async fn open_existing(&self) -> Result<Store, CliError> {
+        self.open_with(false).await
+    }
+
+    async fn open_with(&self, create: bool) -> Result<Store, CliError> {
         match self {
-            StoreUrl::Sqlite(path) if !path.exists() => Err(CliError::Usage(format!(
+            StoreUrl::Sqlite(path) if !create && !path.exists() => Err(CliError::Usage(format!(
                 "no database at {}",
                 path.display()
             ))),
-            _ => self.open().await,
+            StoreUrl::Sqlite(path) => Ok(Store::Sqlite(SqliteOutbox::open(path).await?)),
+            StoreUrl::DynamoDb { table, shape } => {
+                let config = outbox_aws::load_config().await;
+                let dynamodb = aws_sdk_dynamodb::Client::new(&config);
+                let outbox = DynamoOutbox::new(dynamodb.clone(), table);
+                match shape {
+                    DynamoShape::Stream => {
+                        let streams = aws_sdk_dynamodbstreams::Client::new(&config);
+                        let source = StreamSource::new(dynamodb, streams, table);
+                        if create {
+                            outbox.create_table_if_missing().await?;
+                            source.create_tables_if_missing().await?;
+                        }
+                        Ok(Store::DynamoStream(source))
+                    }
+                    DynamoShape::Polling => {
+                        let outbox = outbox.shape(Shape::Polling);
+                        if create {
+                            outbox.create_table_if_missing().await?;
+                        }
+                        Ok(Store::DynamoPolling(PollingOutbox::new(outbox)))
+                    }
+                }
+            }
         }
     }
 }
@@ -89,6 +180,9 @@ pub enum TargetUrl {
     Stdout,
     /// The in-process broker of the demo.
     Memory,
+    /// An AWS target as `outbox-lambda` names them: `eventbridge://BUS`,
+    /// `sqs://QUEUE_URL_OR_NAME`, `sns://TOPIC_ARN`.
+    Aws(String),
 }
 
 impl std::str::FromStr for TargetUrl {
@@ -102,8 +196,9 @@ impl std::str::FromStr for TargetUrl {
             "null" => Ok(TargetUrl::Null),
             "stdout" => Ok(TargetUrl::Stdout),
             "memory" => Ok(TargetUrl::Memory),
+            "eventbridge" | "sqs" | "sns" => Ok(TargetUrl::Aws(url.to_owned())),
             other => Err(format!(
-                "unknown target `{other}://`; supported: null://, stdout://, memory://"
+                "unknown target `{other}://`; supported: eventbridge://BUS, sqs://QUEUE, sns://TOPIC_ARN, null://, stdout://, memory://"
             )),
         }
     }
@@ -115,6 +210,7 @@ impl std::fmt::Display for TargetUrl {
             TargetUrl::Null => "null://",
             TargetUrl::Stdout => "stdout://",
             TargetUrl::Memory => "memory://",
+            TargetUrl::Aws(url) => url,
         })
     }
 }
@@ -124,13 +220,21 @@ impl std::fmt::Display for TargetUrl {
 pub enum AnyPublisher {
     Null(NullPublisher),
     Stdout(StdoutPublisher),
+    Aws(AwsPublisher),
 }
 
 impl TargetUrl {
-    pub fn publisher(&self, source: &str) -> Result<AnyPublisher, CliError> {
+    pub async fn publisher(&self, source: &str) -> Result<AnyPublisher, CliError> {
         match self {
             TargetUrl::Null => Ok(AnyPublisher::Null(NullPublisher)),
             TargetUrl::Stdout => Ok(AnyPublisher::Stdout(StdoutPublisher::new(source))),
+            TargetUrl::Aws(url) => {
+                let config = outbox_aws::load_config().await;
+                AwsPublisher::from_target(&config, url, source)
+                    .await
+                    .map(AnyPublisher::Aws)
+                    .map_err(|e| CliError::Usage(e.to_string()))
+            }
             TargetUrl::Memory => Err(CliError::Usage(
                 "memory:// lives inside one process: only `outbox demo` can use it".into(),
             )),
@@ -143,6 +247,7 @@ impl Publisher for AnyPublisher {
         match self {
             AnyPublisher::Null(p) => p.max_batch_size(),
             AnyPublisher::Stdout(p) => p.max_batch_size(),
+            AnyPublisher::Aws(p) => p.max_batch_size(),
         }
     }
 
@@ -150,6 +255,7 @@ impl Publisher for AnyPublisher {
         match self {
             AnyPublisher::Null(p) => p.publish(request).await,
             AnyPublisher::Stdout(p) => p.publish(request).await,
+            AnyPublisher::Aws(p) => p.publish(request).await,
         }
     }
 }
@@ -174,6 +280,21 @@ mod tests {
             .unwrap_err()
             .contains("unknown store"));
         assert!("outbox.db".parse::<StoreUrl>().is_err());
+        assert_eq!(
+            "dynamodb://Outbox".parse::<StoreUrl>(),
+            Ok(StoreUrl::DynamoDb {
+                table: "Outbox".into(),
+                shape: DynamoShape::Stream
+            })
+        );
+        let polling = "dynamodb://Outbox?shape=polling".parse::<StoreUrl>().unwrap();
+        assert_eq!(polling.to_string(), "dynamodb://Outbox?shape=polling");
+        assert!("dynamodb://x".parse::<StoreUrl>().is_err());
+        assert!("dynamodb://Outbox?shape=queue".parse::<StoreUrl>().is_err());
+        assert_eq!(
+            "eventbridge://orders".parse::<TargetUrl>().unwrap().to_string(),
+            "eventbridge://orders"
+        );
         assert_eq!("null://".parse::<TargetUrl>(), Ok(TargetUrl::Null));
         assert!("kafka://x".parse::<TargetUrl>().is_err());
     }

@@ -1,10 +1,24 @@
 #![doc = include_str!("../README.md")]
 
+pub mod error;
+pub mod inbox;
 pub mod item;
+pub mod limits;
+pub mod outbox;
+pub mod polling;
 pub mod record;
+mod tables;
+pub mod transaction;
 
 pub use item::OutboxItem;
 pub use record::{
     decode_lambda_record, decode_streams_record, Change, DecodeError, LambdaStreamEvent,
     StreamRecord,
 };
+
+pub use error::TransactError;
+pub use inbox::DynamoInbox;
+pub use limits::Limits;
+pub use outbox::{DynamoOutbox, Shape};
+pub use polling::{PollingOutbox, PollingReceipt};
+pub use transaction::Transaction;

@@ -1,28 +1,28 @@
 //! `outbox demo`: the seed's Order and Shipping services end to end, with the
 //! guarantees checked against the database afterwards.
 
+mod broker;
+mod dynamodb;
 mod shop;
 mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::FutureExt;
-use outbox_core::publishers::{memory_broker, MemorySubscriber};
-use outbox_core::{
-    cloudevents, ClaimSource, EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats,
-    StoreError,
-};
+use outbox_core::publishers::memory_broker;
+use outbox_core::{ClaimSource, EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats, StoreError};
 use outbox_testkit::{Chaos, FaultyPublisher};
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::latency::percentile_ms;
 use crate::progress::Progress;
-use crate::target::{Store, StoreUrl, TargetUrl};
+use crate::target::{DynamoShape, Store, StoreUrl, TargetUrl};
+use broker::{Deliveries, MemoryDeliveries};
 use crate::{print_json, CliError};
 use shop::{NewOrder, Shipped, Shop};
 
@@ -34,12 +34,14 @@ pub struct DemoArgs {
     /// Make the broker fail at random and kill the relay mid-batch, repeatedly.
     #[arg(long)]
     chaos: bool,
-    /// Keep the database here (sqlite://FILE); by default a temporary file.
+    /// Where the services keep their data: sqlite://FILE (by default a
+    /// temporary file), or dynamodb://TABLE (DynamoDB with its stream).
     #[arg(long)]
     store: Option<StoreUrl>,
-    /// The broker: the in-process one (memory://).
-    #[arg(long, default_value = "memory://")]
-    to: TargetUrl,
+    /// The broker: memory:// (in-process) with SQLite; eventbridge://BUS with
+    /// DynamoDB, delivering through a rule into an SQS queue.
+    #[arg(long)]
+    to: Option<TargetUrl>,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -80,21 +82,46 @@ const CONSUMER_BATCH: usize = 100;
 const KILL_EVERY_MS: std::ops::Range<u64> = 150..600;
 
 pub async fn run(args: DemoArgs) -> Result<(), CliError> {
-    if args.to != TargetUrl::Memory {
-        return Err(CliError::Usage(format!(
-            "the demo on SQLite runs with the in-process broker (memory://), not {}",
-            args.to
-        )));
-    }
     if !(0.0..=1.0).contains(&args.cancel_rate) {
         return Err(CliError::Usage(
             "--cancel-rate must be between 0 and 1".into(),
         ));
     }
+    if let Some(StoreUrl::DynamoDb { table, shape }) = &args.store {
+        if *shape != DynamoShape::Stream {
+            return Err(CliError::Usage(
+                "the demo on DynamoDB runs the stream shape: use dynamodb://TABLE".into(),
+            ));
+        }
+        let bus = match &args.to {
+            Some(TargetUrl::Aws(url)) if url.starts_with("eventbridge://") => {
+                url.trim_start_matches("eventbridge://").to_owned()
+            }
+            other => {
+                return Err(CliError::Usage(format!(
+                    "the demo on DynamoDB publishes to EventBridge: use --to eventbridge://BUS{}",
+                    other.as_ref().map(|t| format!(", not {t}")).unwrap_or_default()
+                )))
+            }
+        };
+        let shop = dynamodb::DynamoShop::open(table).await?;
+        let (publisher, deliveries) = broker::eventbridge_to_sqs(&bus, table, SOURCE).await?;
+        let summary = run_with(shop, publisher, deliveries, &args).await?;
+        return report(&summary, &args, args.store.as_ref());
+    }
+    if args.to.as_ref().is_some_and(|t| *t != TargetUrl::Memory) {
+        return Err(CliError::Usage(format!(
+            "the demo on SQLite runs with the in-process broker (memory://), not {}",
+            args.to.as_ref().map(ToString::to_string).unwrap_or_default()
+        )));
+    }
     let (url, _temp) = StoreUrl::or_temporary(args.store.as_ref(), "demo.db")?;
-    let Store::Sqlite(outbox) = url.open().await?;
+    let Store::Sqlite(outbox) = url.open().await? else {
+        return Err(CliError::Usage(format!("{url} is not a SQLite store")));
+    };
     let shop = sqlite::SqliteShop::new(outbox).await?;
-    let summary = run_with(shop, &args).await?;
+    let (broker, subscriber) = memory_broker(SOURCE);
+    let summary = run_with(shop, broker.clone(), MemoryDeliveries::new(broker, subscriber), &args).await?;
     report(&summary, &args, args.store.as_ref())
 }
 
@@ -116,8 +143,14 @@ fn report(s: &Summary, args: &DemoArgs, kept: Option<&StoreUrl>) -> Result<(), C
         s.p50_ms, s.p99_ms
     );
     println!("elapsed              {:.2} s", s.elapsed_s);
-    if let Some(url) = kept {
-        println!("database kept at     {url} (tables orders, outbox, shipments, inbox)");
+    match kept {
+        Some(url @ StoreUrl::Sqlite(_)) => {
+            println!("database kept at     {url} (tables orders, outbox, shipments, inbox)")
+        }
+        Some(StoreUrl::DynamoDb { table, .. }) => println!(
+            "tables kept          {table} (outbox), {table}-orders, {table}-shipments, {table}-inbox, {table}-dead-letters"
+        ),
+        None => {}
     }
     if args.json {
         print_json(s);
@@ -146,9 +179,14 @@ struct Consumed {
     errors: AtomicU64,
 }
 
-async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError> {
+async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
+    shop: S,
+    broker: P,
+    deliveries: D,
+    args: &DemoArgs,
+) -> Result<Summary, CliError> {
     let started = Instant::now();
-    let (broker, subscriber) = memory_broker(SOURCE);
+    let in_flight = deliveries.in_flight_probe();
     let chaos = if args.chaos {
         Chaos {
             transient_rate: 0.05,
@@ -178,15 +216,17 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
     let consumed = Arc::new(Consumed::default());
     let consumer = tokio::spawn(consume(
         shop.clone(),
-        subscriber,
+        deliveries,
         consumed.clone(),
         stop_rx.clone(),
     ));
     let writing = Arc::new(AtomicBool::new(true));
     let restarts = Arc::new(AtomicU64::new(0));
+    let published = Arc::new(AtomicU64::new(0));
     let relays = tokio::spawn(supervise(
-        shop.outbox(),
+        shop.clone(),
         publisher,
+        published.clone(),
         config,
         args.chaos,
         writing.clone(),
@@ -232,8 +272,14 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
                 restarts.load(Ordering::Relaxed)
             ),
         );
-        let drained = consumed.deliveries.load(Ordering::Relaxed) == broker.sent();
-        if commits.is_some() && stats.pending == 0 && drained {
+        // Everything written is applied or dead-lettered, and nothing is still
+        // on its way (where the broker can tell).
+        let settled = consumed.unique.load(Ordering::Relaxed) + stats.dead
+            >= written.load(Ordering::Relaxed);
+        let drained = in_flight
+            .as_ref()
+            .is_none_or(|sent| consumed.deliveries.load(Ordering::Relaxed) == sent());
+        if commits.is_some() && stats.pending == 0 && settled && drained {
             break;
         }
         if Instant::now() > deadline {
@@ -258,7 +304,8 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
     }
     let commits = commits.unwrap_or_default();
 
-    let audit = shop.audit().await?;
+    let written_ids: HashSet<EventId> = commits.keys().copied().collect();
+    let audit = shop.audit(&written_ids).await?;
     let mut latencies: Vec<Duration> = first_delivery
         .iter()
         .filter_map(|(id, at)| commits.get(id).map(|c| at.saturating_duration_since(*c)))
@@ -282,7 +329,9 @@ async fn run_with<S: Shop>(shop: S, args: &DemoArgs) -> Result<Summary, CliError
     Ok(Summary {
         orders: audit.orders,
         events_written: audit.events_written,
-        events_published: audit.published,
+        events_published: audit
+            .published
+            .unwrap_or_else(|| published.load(Ordering::Relaxed)),
         delivered_unique: audit.delivered_unique,
         duplicates_absorbed: consumed.duplicates.load(Ordering::Relaxed),
         dead_lettered: audit.dead,
@@ -353,32 +402,37 @@ async fn write_orders<S: Shop>(
 
 /// The Shipping service: applies each delivery once, through the inbox.
 /// Returns when each event was first delivered.
-async fn consume<S: Shop>(
+async fn consume<S: Shop, D: Deliveries>(
     shop: S,
-    mut subscriber: MemorySubscriber,
+    mut deliveries: D,
     seen: Arc<Consumed>,
     mut stop: watch::Receiver<bool>,
 ) -> HashMap<EventId, Instant> {
     let mut first_delivery = HashMap::new();
     loop {
-        let first = tokio::select! {
+        // Whatever has arrived is handled in one go.
+        let batch = tokio::select! {
             biased;
-            d = subscriber.recv() => match d { Some(d) => d, None => break },
+            b = deliveries.next(CONSUMER_BATCH) => b,
             _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => break,
         };
-        // Whatever else has arrived is handled in the same transaction.
-        let mut deliveries = vec![first];
-        while deliveries.len() < CONSUMER_BATCH {
-            match subscriber.try_recv() {
-                Some(d) => deliveries.push(d),
-                None => break,
+        let batch = match batch {
+            Ok(Some(batch)) => batch,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "shipping: cannot receive");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
+        };
+        if batch.is_empty() {
+            continue;
         }
         let received_at = Instant::now();
-        let mut events = Vec::with_capacity(deliveries.len());
-        for delivery in &deliveries {
-            match cloudevents::from_json(&delivery.body) {
-                Ok(received) => events.push(received.event),
+        let mut events = Vec::with_capacity(batch.len());
+        for delivery in &batch {
+            match &delivery.event {
+                Ok(event) => events.push(event.clone()),
                 Err(e) => {
                     tracing::error!(id = %delivery.id, error = %e, "shipping: not a CloudEvent");
                     seen.errors.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +455,8 @@ async fn consume<S: Shop>(
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
+                // Acknowledged only once applied: a crash before this redelivers.
+                deliveries.ack(&batch).await;
             }
             Err(e) => {
                 tracing::error!(error = %e, count = events.len(), "shipping: cannot process deliveries");
@@ -409,16 +465,17 @@ async fn consume<S: Shop>(
             }
         }
         seen.deliveries
-            .fetch_add(deliveries.len() as u64, Ordering::Relaxed);
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
     }
     first_delivery
 }
 
 /// Runs the relay; with chaos, kills it at random moments (mid-batch, holding
 /// claims) while orders are written, and starts a new one.
-async fn supervise<O: ClaimSource + Clone + 'static, P: Publisher + Clone + 'static>(
-    outbox: O,
+async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
+    shop: S,
     publisher: P,
+    published: Arc<AtomicU64>,
     config: RelayConfig,
     chaos: bool,
     writing: Arc<AtomicBool>,
@@ -426,7 +483,12 @@ async fn supervise<O: ClaimSource + Clone + 'static, P: Publisher + Clone + 'sta
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), CliError> {
     loop {
-        let relay = Relay::new(outbox.clone(), publisher.clone(), config.clone())?;
+        // A new relay reads from where the store says the last one got to.
+        let relay = Relay::new(shop.relay_source().await?, publisher.clone(), config.clone())?;
+        let metrics = relay.metrics();
+        let count = |published: &AtomicU64| {
+            published.fetch_add(metrics.published.load(Ordering::Relaxed), Ordering::Relaxed)
+        };
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let mut handle = tokio::spawn(async move {
             relay
@@ -440,7 +502,9 @@ async fn supervise<O: ClaimSource + Clone + 'static, P: Publisher + Clone + 'sta
         tokio::select! {
             _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => {
                 let _ = shutdown_tx.send(());
-                return match handle.await {
+                let result = handle.await;
+                count(&published);
+                return match result {
                     Ok(result) => result.map(drop).map_err(CliError::from),
                     Err(e) => Err(CliError::Check(format!("relay task failed: {e}"))),
                 };
@@ -448,9 +512,11 @@ async fn supervise<O: ClaimSource + Clone + 'static, P: Publisher + Clone + 'sta
             () = tokio::time::sleep(kill_in), if kill => {
                 handle.abort();
                 let _ = handle.await;
+                count(&published);
                 restarts.fetch_add(1, Ordering::Relaxed);
             }
             result = &mut handle => {
+                count(&published);
                 return match result {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(e.into()),

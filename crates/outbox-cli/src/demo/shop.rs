@@ -1,9 +1,10 @@
 //! The seed's two services: an Order service that records `OrderCreated`
 //! (and friends) with each order, and a Shipping service that consumes them.
 
+use std::collections::HashSet;
 use std::future::Future;
 
-use outbox_core::{ClaimSource, Event, Stats, StoreError};
+use outbox_core::{ClaimSource, Event, EventId, Stats, StoreError};
 
 /// A new order as the Order service receives it.
 #[derive(Debug, Clone)]
@@ -77,7 +78,9 @@ pub enum Shipped {
 pub struct Audit {
     pub orders: u64,
     pub events_written: u64,
-    pub published: u64,
+    /// Events the store marks published; `None` where only the relay knows
+    /// (a stream has no per-event status).
+    pub published: Option<u64>,
     pub dead: u64,
     /// Distinct events in the Shipping inbox.
     pub delivered_unique: u64,
@@ -90,6 +93,10 @@ pub trait Shop: Send + Sync + Clone + 'static {
     type Outbox: ClaimSource + Stats + Clone + 'static;
 
     fn outbox(&self) -> Self::Outbox;
+
+    /// The source a newly started relay reads from: a store shared by every
+    /// relay, or a fresh stream reader resuming from its checkpoints.
+    fn relay_source(&self) -> impl Future<Output = Result<Self::Outbox, StoreError>> + Send;
 
     /// The Order service: the order row and its events, one transaction.
     fn place_order(
@@ -111,7 +118,12 @@ pub trait Shop: Send + Sync + Clone + 'static {
         events: &[Event],
     ) -> impl Future<Output = Result<Vec<Shipped>, StoreError>> + Send;
 
-    fn audit(&self) -> impl Future<Output = Result<Audit, StoreError>> + Send;
+    /// Counts read back from the tables; `written` are the ids the Order
+    /// service committed during the run.
+    fn audit(
+        &self,
+        written: &HashSet<EventId>,
+    ) -> impl Future<Output = Result<Audit, StoreError>> + Send;
 }
 
 /// The shipment status an event leads to.

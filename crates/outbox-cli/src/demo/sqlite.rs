@@ -1,6 +1,8 @@
 //! The demo's services on the embedded SQLite default.
 
-use outbox_core::{Event, Inbox, Seen, StoreError};
+use std::collections::HashSet;
+
+use outbox_core::{Event, EventId, Inbox, Seen, StoreError};
 use outbox_sqlite::{SqliteInbox, SqliteOutbox};
 
 use super::shop::{cancelled, shipment_status, Audit, NewOrder, Shipped, Shop};
@@ -48,6 +50,10 @@ impl Shop for SqliteShop {
 
     fn outbox(&self) -> SqliteOutbox {
         self.outbox.clone()
+    }
+
+    async fn relay_source(&self) -> Result<SqliteOutbox, StoreError> {
+        Ok(self.outbox.clone())
     }
 
     async fn place_order(&self, order: &NewOrder) -> Result<Vec<Event>, StoreError> {
@@ -129,7 +135,7 @@ impl Shop for SqliteShop {
         Ok(outcomes)
     }
 
-    async fn audit(&self) -> Result<Audit, StoreError> {
+    async fn audit(&self, _written: &HashSet<EventId>) -> Result<Audit, StoreError> {
         let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM orders),
                     (SELECT count(*) FROM outbox),
@@ -147,7 +153,7 @@ impl Shop for SqliteShop {
         Ok(Audit {
             orders: n(row.0),
             events_written: n(row.1),
-            published: n(row.2),
+            published: Some(n(row.2)),
             dead: n(row.3),
             delivered_unique: n(row.4),
             lost: n(row.5),

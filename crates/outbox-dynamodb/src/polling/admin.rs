@@ -1,0 +1,268 @@
+//! The operator's side of the polling shape: counts, dead letters, purging.
+//! Everything reads a sparse index, never the whole table.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::{AttributeValue, Select};
+use chrono::{DateTime, Utc};
+use futures_util::{stream, StreamExt, TryStreamExt};
+use outbox_core::{DeadLetter, DeadLetters, OutboxStats, Purge, ReplaySelector, Stats, StoreError};
+
+use super::source::{now_ms, number, string, PollingOutbox};
+use super::*;
+use crate::error::is_condition_failed;
+use crate::item::{decode_event, PK};
+
+/// Single-item writes in flight at once when replaying or purging.
+const CONCURRENCY: usize = 16;
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+fn n(value: impl ToString) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+impl PollingOutbox {
+    /// How many items an index holds, counted by DynamoDB (`Select=COUNT`).
+    async fn count(&self, index: &str, key: &str, value: &str) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        let mut start = None;
+        loop {
+            let page = self
+                .client()
+                .query()
+                .table_name(self.table())
+                .index_name(index)
+                .select(Select::Count)
+                .key_condition_expression("#k = :k")
+                .expression_attribute_names("#k", key)
+                .expression_attribute_values(":k", s(value))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| outbox_aws::store_error("Query (count)", e))?;
+            total += u64::try_from(page.count()).unwrap_or(0);
+            match page.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => return Ok(total),
+            }
+        }
+    }
+
+    /// Dead items, oldest first, a page at a time, until `keep` says stop.
+    async fn each_dead(&self, mut keep: impl FnMut(&Item) -> bool) -> Result<(), StoreError> {
+        let mut start = None;
+        loop {
+            let page = self
+                .client()
+                .query()
+                .table_name(self.table())
+                .index_name(DEAD_INDEX)
+                .key_condition_expression("#k = :k")
+                .expression_attribute_names("#k", DEAD_KEY)
+                .expression_attribute_values(":k", s(DEAD))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| outbox_aws::store_error("Query (dead index)", e))?;
+            for item in page.items() {
+                if !keep(item) {
+                    return Ok(());
+                }
+            }
+            match page.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn replay_one(&self, pk: String, version: u64, now: i64) -> Result<bool, StoreError> {
+        let result = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(Self::key(&pk, version)))
+            .update_expression(
+                "SET #status = :pending, #pkey = :pending, #attempts = :zero, #next = :now \
+                 REMOVE #dkey, #lease",
+            )
+            .condition_expression("attribute_exists(#dkey)")
+            .expression_attribute_names("#status", STATUS)
+            .expression_attribute_names("#pkey", PENDING_KEY)
+            .expression_attribute_names("#attempts", ATTEMPTS)
+            .expression_attribute_names("#next", NEXT_ATTEMPT_AT)
+            .expression_attribute_names("#dkey", DEAD_KEY)
+            .expression_attribute_names("#lease", LEASE_ID)
+            .expression_attribute_values(":pending", s(PENDING))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(outbox_aws::store_error("UpdateItem (replay)", e)),
+        }
+    }
+
+    async fn purge_one(&self, pk: String, version: u64, cutoff: i64) -> Result<bool, StoreError> {
+        let result = self
+            .client()
+            .delete_item()
+            .table_name(self.table())
+            .set_key(Some(Self::key(&pk, version)))
+            .condition_expression("attribute_exists(#pkey) AND #at < :cutoff")
+            .expression_attribute_names("#pkey", PUBLISHED_KEY)
+            .expression_attribute_names("#at", PUBLISHED_AT)
+            .expression_attribute_values(":cutoff", n(cutoff))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(outbox_aws::store_error("DeleteItem (purge)", e)),
+        }
+    }
+}
+
+fn item_key(item: &Item) -> Option<(String, u64)> {
+    let pk = string(item, PK)?.to_owned();
+    let version = u64::try_from(number(item, SK)?).ok()?;
+    Some((pk, version))
+}
+
+impl Stats for PollingOutbox {
+    async fn stats(&self) -> Result<OutboxStats, StoreError> {
+        let pending = self.count(PENDING_INDEX, PENDING_KEY, PENDING).await?;
+        let published = self
+            .count(PUBLISHED_INDEX, PUBLISHED_KEY, PUBLISHED)
+            .await?;
+        let dead = self.count(DEAD_INDEX, DEAD_KEY, DEAD).await?;
+        let oldest = self
+            .client()
+            .query()
+            .table_name(self.table())
+            .index_name(PENDING_INDEX)
+            .key_condition_expression("#k = :k")
+            .expression_attribute_names("#k", PENDING_KEY)
+            .expression_attribute_values(":k", s(PENDING))
+            .limit(1)
+            .send()
+            .await
+            .map_err(|e| outbox_aws::store_error("Query (oldest pending)", e))?;
+        let oldest_pending_at = oldest
+            .items()
+            .first()
+            .and_then(|item| number(item, POSITION))
+            .and_then(|p| DateTime::from_timestamp_millis(p / POSITION_SCALE));
+        Ok(OutboxStats {
+            pending,
+            published,
+            dead,
+            oldest_pending_at,
+        })
+    }
+}
+
+impl DeadLetters for PollingOutbox {
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut letters = Vec::new();
+        let mut failure = None;
+        if limit == 0 {
+            return Ok(letters);
+        }
+        self.each_dead(|item| {
+            match string(item, EVENT).map(decode_event) {
+                Some(Ok(event)) => letters.push(DeadLetter {
+                    event,
+                    attempts: number(item, ATTEMPTS)
+                        .and_then(|a| u32::try_from(a).ok())
+                        .unwrap_or(0),
+                    last_error: string(item, LAST_ERROR).map(str::to_owned),
+                }),
+                other => {
+                    let reason = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "the `event` attribute is missing".to_owned(),
+                    };
+                    failure = Some(StoreError::Backend(
+                        format!("dead letter {:?} cannot be read: {reason}", item_key(item)).into(),
+                    ));
+                    return false;
+                }
+            }
+            letters.len() < limit
+        })
+        .await?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(letters),
+        }
+    }
+
+    async fn replay(&self, which: ReplaySelector) -> Result<u64, StoreError> {
+        let wanted: Option<Vec<String>> = match &which {
+            ReplaySelector::All => None,
+            ReplaySelector::Ids(ids) => Some(ids.iter().map(|id| id.to_string()).collect()),
+            _ => return Err(StoreError::Config("unsupported replay selector".into())),
+        };
+        let mut keys = Vec::new();
+        self.each_dead(|item| {
+            let selected = match &wanted {
+                None => true,
+                Some(ids) => string(item, EVENT_ID).is_some_and(|id| ids.iter().any(|w| w == id)),
+            };
+            if selected {
+                keys.extend(item_key(item));
+            }
+            true
+        })
+        .await?;
+        let now = now_ms();
+        let replayed: Vec<bool> = stream::iter(keys)
+            .map(|(pk, version)| self.replay_one(pk, version, now))
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(replayed.into_iter().filter(|r| *r).count() as u64)
+    }
+}
+
+impl Purge for PollingOutbox {
+    async fn purge_published(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let cutoff = before.timestamp_millis();
+        let mut purged = 0u64;
+        let mut start = None;
+        loop {
+            let page = self
+                .client()
+                .query()
+                .table_name(self.table())
+                .index_name(PUBLISHED_INDEX)
+                .key_condition_expression("#k = :k AND #at < :cutoff")
+                .expression_attribute_names("#k", PUBLISHED_KEY)
+                .expression_attribute_names("#at", PUBLISHED_AT)
+                .expression_attribute_values(":k", s(PUBLISHED))
+                .expression_attribute_values(":cutoff", n(cutoff))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| outbox_aws::store_error("Query (published index)", e))?;
+            let deleted: Vec<bool> = stream::iter(page.items().iter().filter_map(item_key))
+                .map(|(pk, version)| self.purge_one(pk, version, cutoff))
+                .buffer_unordered(CONCURRENCY)
+                .try_collect()
+                .await?;
+            purged += deleted.into_iter().filter(|d| *d).count() as u64;
+            match page.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => return Ok(purged),
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! The in-memory side of the stream source: events read from the stream and
+//! not yet settled, their claims, and per shard which records are settled.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use outbox_core::{Claimed, ClaimedEvent, Event, EventId, LeaseId};
+
+/// The source's handle on one buffered event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamReceipt(pub(crate) u64);
+
+#[derive(Debug, Clone)]
+enum Origin {
+    Stream { shard: String, record: u64 },
+    Replay,
+}
+
+#[derive(Debug)]
+struct Entry {
+    event: Event,
+    attempts: u32,
+    due: DateTime<Utc>,
+    lease: Option<(LeaseId, Instant)>,
+    origin: Origin,
+}
+
+/// One stream record read and not yet checkpointed.
+#[derive(Debug)]
+struct Slot {
+    number: u64,
+    sequence_number: String,
+    unsettled: usize,
+}
+
+/// Per shard: read records in order, and the settled prefix not yet written.
+#[derive(Debug, Default)]
+pub(crate) struct ShardLog {
+    next_number: u64,
+    slots: VecDeque<Slot>,
+}
+
+impl ShardLog {
+    pub(crate) fn is_settled(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// What settling did.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    pub count: u64,
+    /// Replayed events now settled: their replay items can go.
+    pub finished_replays: Vec<EventId>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Buffer {
+    next_id: u64,
+    entries: HashMap<u64, Entry>,
+    aggregates: HashMap<(String, String), VecDeque<u64>>,
+    pub(crate) logs: HashMap<String, ShardLog>,
+    replays: HashSet<EventId>,
+    /// Shards whose settled prefix grew: shard id -> new checkpoint.
+    pub(crate) advanced: HashMap<String, String>,
+    pub(crate) published: u64,
+}
+
+impl Buffer {
+    fn push_entry(&mut self, event: Event, origin: Origin) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+        self.aggregates.entry(key).or_default().push_back(id);
+        self.entries.insert(
+            id,
+            Entry {
+                event,
+                attempts: 0,
+                due: Utc::now(),
+                lease: None,
+                origin,
+            },
+        );
+    }
+
+    /// A record read from `shard`, with the events it carries (none for an
+    /// ignored or dead-lettered record).
+    pub(crate) fn push_record(&mut self, shard: &str, sequence_number: &str, events: Vec<Event>) {
+        let log = self.logs.entry(shard.to_owned()).or_default();
+        let number = log.next_number;
+        log.next_number += 1;
+        log.slots.push_back(Slot {
+            number,
+            sequence_number: sequence_number.to_owned(),
+            unsettled: events.len(),
+        });
+        for event in events {
+            self.push_entry(
+                event,
+                Origin::Stream {
+                    shard: shard.to_owned(),
+                    record: number,
+                },
+            );
+        }
+        self.advance(shard);
+    }
+
+    /// A replayed dead letter; ignored if it is buffered already.
+    pub(crate) fn push_replay(&mut self, event: Event) -> bool {
+        if !self.replays.insert(event.id) {
+            return false;
+        }
+        self.push_entry(event, Origin::Replay);
+        true
+    }
+
+    pub(crate) fn is_replay_buffered(&self, id: &EventId) -> bool {
+        self.replays.contains(id)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Buffered events that came from the stream (replays are counted apart).
+    pub(crate) fn stream_pending(&self) -> u64 {
+        self.entries.len() as u64 - self.replays.len() as u64
+    }
+
+    pub(crate) fn oldest_pending_at(&self) -> Option<DateTime<Utc>> {
+        self.entries.values().map(|e| e.event.occurred_at).min()
+    }
+
+    /// Hands out, per aggregate, the due and unclaimed prefix of its queue.
+    pub(crate) fn claim(&mut self, limit: usize, lease: Duration) -> Claimed<StreamReceipt> {
+        let lease_id = LeaseId::new();
+        let now = Utc::now();
+        let instant = Instant::now();
+        let expires = instant + lease;
+        // Aggregates whose oldest event was read first go first.
+        let mut order: Vec<(u64, &(String, String))> = self
+            .aggregates
+            .iter()
+            .filter_map(|(k, q)| q.front().map(|id| (*id, k)))
+            .collect();
+        order.sort_unstable();
+        let mut events = Vec::new();
+        'aggregates: for (_, key) in order {
+            let Some(queue) = self.aggregates.get(key) else {
+                continue;
+            };
+            for id in queue {
+                if events.len() >= limit {
+                    break 'aggregates;
+                }
+                let Some(entry) = self.entries.get_mut(id) else {
+                    continue;
+                };
+                let held = entry.lease.is_some_and(|(_, until)| until > instant);
+                if held || entry.due > now {
+                    break;
+                }
+                entry.lease = Some((lease_id, expires));
+                events.push(ClaimedEvent {
+                    event: entry.event.clone(),
+                    attempts: entry.attempts,
+                    receipt: StreamReceipt(*id),
+                });
+            }
+        }
+        Claimed {
+            lease: lease_id,
+            events,
+        }
+    }
+
+    /// Whether a claim now would hand out anything.
+    pub(crate) fn has_due(&self) -> bool {
+        let now = Utc::now();
+        let instant = Instant::now();
+        self.aggregates.values().any(|q| {
+            q.front()
+                .and_then(|id| self.entries.get(id))
+                .is_some_and(|e| {
+                    e.due <= now && !e.lease.is_some_and(|(_, until)| until > instant)
+                })
+        })
+    }
+
+    fn held_by(&self, receipt: StreamReceipt, lease: LeaseId) -> Option<&Entry> {
+        self.entries
+            .get(&receipt.0)
+            .filter(|e| e.lease.is_some_and(|(id, _)| id == lease))
+    }
+
+    /// The dead-letter rows of receipts still held by `lease`.
+    pub(crate) fn dead_rows(
+        &self,
+        lease: LeaseId,
+        dead: &[(StreamReceipt, String)],
+    ) -> Vec<(Event, u32, String)> {
+        dead.iter()
+            .filter_map(|(r, error)| {
+                self.held_by(*r, lease)
+                    .map(|e| (e.event.clone(), e.attempts.saturating_add(1), error.clone()))
+            })
+            .collect()
+    }
+
+    /// Removes a settled event; true if it was held by `lease`.
+    fn remove(&mut self, receipt: StreamReceipt, lease: LeaseId, applied: &mut Applied) -> bool {
+        if self.held_by(receipt, lease).is_none() {
+            return false;
+        }
+        let Some(entry) = self.entries.remove(&receipt.0) else {
+            return false;
+        };
+        let key = (
+            entry.event.aggregate_type.clone(),
+            entry.event.aggregate_id.clone(),
+        );
+        if let Some(queue) = self.aggregates.get_mut(&key) {
+            queue.retain(|id| *id != receipt.0);
+            if queue.is_empty() {
+                self.aggregates.remove(&key);
+            }
+        }
+        match entry.origin {
+            Origin::Replay => {
+                self.replays.remove(&entry.event.id);
+                applied.finished_replays.push(entry.event.id);
+            }
+            Origin::Stream { shard, record } => {
+                if let Some(log) = self.logs.get_mut(&shard) {
+                    if let Some(front) = log.slots.front().map(|s| s.number) {
+                        if let Some(slot) = record
+                            .checked_sub(front)
+                            .and_then(|i| log.slots.get_mut(i as usize))
+                        {
+                            slot.unsettled = slot.unsettled.saturating_sub(1);
+                        }
+                    }
+                }
+                self.advance(&shard);
+            }
+        }
+        applied.count += 1;
+        true
+    }
+
+    /// Drops the settled prefix of a shard's records, noting the new checkpoint.
+    fn advance(&mut self, shard: &str) {
+        let Some(log) = self.logs.get_mut(shard) else {
+            return;
+        };
+        let mut last = None;
+        while log.slots.front().is_some_and(|s| s.unsettled == 0) {
+            last = log.slots.pop_front().map(|s| s.sequence_number);
+        }
+        if let Some(seq) = last {
+            self.advanced.insert(shard.to_owned(), seq);
+        }
+    }
+
+    pub(crate) fn published(&mut self, lease: LeaseId, receipts: &[StreamReceipt], applied: &mut Applied) {
+        for r in receipts {
+            if self.remove(*r, lease, applied) {
+                self.published += 1;
+            }
+        }
+    }
+
+    pub(crate) fn dead(&mut self, lease: LeaseId, receipts: &[StreamReceipt], applied: &mut Applied) {
+        for r in receipts {
+            self.remove(*r, lease, applied);
+        }
+    }
+
+    pub(crate) fn retry(
+        &mut self,
+        lease: LeaseId,
+        retries: &[(StreamReceipt, DateTime<Utc>, String)],
+        applied: &mut Applied,
+    ) {
+        for (r, at, _) in retries {
+            if self.held_by(*r, lease).is_some() {
+                if let Some(e) = self.entries.get_mut(&r.0) {
+                    e.attempts = e.attempts.saturating_add(1);
+                    e.due = *at;
+                    e.lease = None;
+                    applied.count += 1;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn release(&mut self, lease: LeaseId, receipts: &[StreamReceipt], applied: &mut Applied) {
+        for r in receipts {
+            if self.held_by(*r, lease).is_some() {
+                if let Some(e) = self.entries.get_mut(&r.0) {
+                    e.lease = None;
+                    applied.count += 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(agg: &str, v: u64) -> Event {
+        Event::builder("Order", agg, v, "E").build().unwrap()
+    }
+
+    #[test]
+    fn checkpoint_is_the_settled_prefix() {
+        let mut b = Buffer::default();
+        b.push_record("s", "10", vec![ev("a", 1), ev("a", 2)]);
+        b.push_record("s", "11", vec![]);
+        b.push_record("s", "12", vec![ev("b", 1)]);
+        assert!(b.advanced.is_empty());
+        let claimed = b.claim(10, Duration::from_secs(5));
+        assert_eq!(claimed.events.len(), 3);
+        let receipts: Vec<_> = claimed.events.iter().map(|c| c.receipt).collect();
+        let mut applied = Applied::default();
+        // b settles first: the checkpoint cannot pass record 10 yet.
+        b.published(claimed.lease, &receipts[2..], &mut applied);
+        assert!(b.advanced.is_empty());
+        b.published(claimed.lease, &receipts[..2], &mut applied);
+        assert_eq!(b.advanced.get("s").map(String::as_str), Some("12"));
+        assert!(b.logs["s"].is_settled());
+        assert_eq!(b.published, 3);
+    }
+
+    #[test]
+    fn held_and_backing_off_events_hold_their_aggregate() {
+        let mut b = Buffer::default();
+        b.push_record("s", "1", vec![ev("a", 1)]);
+        b.push_record("s", "2", vec![ev("a", 2), ev("b", 1)]);
+        let first = b.claim(1, Duration::from_secs(5));
+        assert_eq!(first.events.len(), 1);
+        let second = b.claim(10, Duration::from_secs(5));
+        let got: Vec<_> = second.events.iter().map(|c| c.event.aggregate_id.clone()).collect();
+        assert_eq!(got, vec!["b"]);
+        let mut applied = Applied::default();
+        let later = Utc::now() + chrono::Duration::seconds(60);
+        b.retry(first.lease, &[(first.events[0].receipt, later, "x".into())], &mut applied);
+        assert!(b.claim(10, Duration::from_secs(5)).events.is_empty());
+        // A stale lease changes nothing.
+        b.release(LeaseId::new(), &[first.events[0].receipt], &mut applied);
+        assert_eq!(applied.count, 1);
+    }
+}

@@ -1,0 +1,200 @@
+//! Table creation for both outbox shapes and the inbox.
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType,
+    Projection, ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType,
+    TableStatus, TimeToLiveSpecification,
+};
+use aws_sdk_dynamodb::Client;
+use outbox_core::StoreError;
+
+use crate::error::build_error;
+use crate::item::PK;
+use crate::polling::{
+    DEAD_INDEX, DEAD_KEY, EXPIRES_AT, PENDING_INDEX, PENDING_KEY, POSITION, PUBLISHED_AT,
+    PUBLISHED_INDEX, PUBLISHED_KEY, SK,
+};
+
+/// How long to wait for a new table to become ACTIVE.
+const ACTIVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition, StoreError> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .map_err(build_error)
+}
+
+fn key(name: &str, kind: KeyType) -> Result<KeySchemaElement, StoreError> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .map_err(build_error)
+}
+
+fn index(
+    name: &str,
+    hash: &str,
+    range: &str,
+    projection: ProjectionType,
+) -> Result<GlobalSecondaryIndex, StoreError> {
+    GlobalSecondaryIndex::builder()
+        .index_name(name)
+        .key_schema(key(hash, KeyType::Hash)?)
+        .key_schema(key(range, KeyType::Range)?)
+        .projection(Projection::builder().projection_type(projection).build())
+        .build()
+        .map_err(build_error)
+}
+
+/// The stream shape: key `pk`, on-demand, a stream with new images.
+pub(crate) async fn create_stream_table(client: &Client, table: &str) -> Result<(), StoreError> {
+    let request = client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute(PK, ScalarAttributeType::S)?)
+        .key_schema(key(PK, KeyType::Hash)?)
+        .stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(StreamViewType::NewImage)
+                .build()
+                .map_err(build_error)?,
+        );
+    created(table, request.send().await)?;
+    wait_active(client, table).await
+}
+
+/// The polling shape: key `pk` + `sk`, the three sparse indexes, TTL on
+/// `expires_at`.
+pub(crate) async fn create_polling_table(client: &Client, table: &str) -> Result<(), StoreError> {
+    let request = client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute(PK, ScalarAttributeType::S)?)
+        .attribute_definitions(attribute(SK, ScalarAttributeType::N)?)
+        .attribute_definitions(attribute(PENDING_KEY, ScalarAttributeType::S)?)
+        .attribute_definitions(attribute(DEAD_KEY, ScalarAttributeType::S)?)
+        .attribute_definitions(attribute(PUBLISHED_KEY, ScalarAttributeType::S)?)
+        .attribute_definitions(attribute(POSITION, ScalarAttributeType::N)?)
+        .attribute_definitions(attribute(PUBLISHED_AT, ScalarAttributeType::N)?)
+        .key_schema(key(PK, KeyType::Hash)?)
+        .key_schema(key(SK, KeyType::Range)?)
+        .global_secondary_indexes(index(
+            PENDING_INDEX,
+            PENDING_KEY,
+            POSITION,
+            ProjectionType::KeysOnly,
+        )?)
+        .global_secondary_indexes(index(DEAD_INDEX, DEAD_KEY, POSITION, ProjectionType::All)?)
+        .global_secondary_indexes(index(
+            PUBLISHED_INDEX,
+            PUBLISHED_KEY,
+            PUBLISHED_AT,
+            ProjectionType::KeysOnly,
+        )?);
+    let created = created(table, request.send().await)?;
+    wait_active(client, table).await?;
+    if created {
+        enable_ttl(client, table, EXPIRES_AT).await?;
+    }
+    Ok(())
+}
+
+/// A table keyed by `pk` (S) + `sk` (S), on-demand, with TTL on `ttl_attribute`.
+pub(crate) async fn create_string_pair_table(
+    client: &Client,
+    table: &str,
+    ttl_attribute: &str,
+) -> Result<(), StoreError> {
+    let request = client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute(PK, ScalarAttributeType::S)?)
+        .attribute_definitions(attribute(SK, ScalarAttributeType::S)?)
+        .key_schema(key(PK, KeyType::Hash)?)
+        .key_schema(key(SK, KeyType::Range)?);
+    let created = created(table, request.send().await)?;
+    wait_active(client, table).await?;
+    if created {
+        enable_ttl(client, table, ttl_attribute).await?;
+    }
+    Ok(())
+}
+
+/// Whether the table was created now; an existing table is fine.
+fn created<T, E>(
+    table: &str,
+    result: Result<
+        T,
+        aws_smithy_runtime_api::client::result::SdkError<
+            E,
+            aws_smithy_runtime_api::client::orchestrator::HttpResponse,
+        >,
+    >,
+) -> Result<bool, StoreError>
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+        + std::error::Error
+        + Send
+        + Sync
+        + 'static,
+{
+    use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some("ResourceInUseException") => Ok(false),
+        Err(e) => Err(outbox_aws::store_error(&format!("CreateTable {table}"), e)),
+    }
+}
+
+async fn enable_ttl(client: &Client, table: &str, attribute: &str) -> Result<(), StoreError> {
+    client
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .enabled(true)
+                .attribute_name(attribute)
+                .build()
+                .map_err(build_error)?,
+        )
+        .send()
+        .await
+        .map_err(|e| outbox_aws::store_error(&format!("UpdateTimeToLive {table}"), e))?;
+    Ok(())
+}
+
+async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
+    let until = tokio::time::Instant::now() + ACTIVE_TIMEOUT;
+    loop {
+        let described = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| outbox_aws::store_error(&format!("DescribeTable {table}"), e))?;
+        let ready = described.table().is_some_and(|t| {
+            t.table_status() == Some(&TableStatus::Active)
+                && t.global_secondary_indexes()
+                    .iter()
+                    .all(|i| i.index_status() == Some(&IndexStatus::Active))
+        });
+        if ready {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= until {
+            return Err(StoreError::Unavailable(
+                format!("table {table} not ACTIVE after {ACTIVE_TIMEOUT:?}").into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
