@@ -10,7 +10,11 @@ use outbox_core::{Event, PublishError, PublishResult};
 /// most `max_entries` entries whose sizes add up to at most `max_total_bytes`.
 /// An entry larger than `max_total_bytes` on its own gets a call of its own
 /// (the service then answers for it).
-pub fn split_calls(sizes: &[usize], max_entries: usize, max_total_bytes: usize) -> Vec<Range<usize>> {
+pub fn split_calls(
+    sizes: &[usize],
+    max_entries: usize,
+    max_total_bytes: usize,
+) -> Vec<Range<usize>> {
     let max_entries = max_entries.max(1);
     let mut calls = Vec::new();
     let mut start = 0;
@@ -41,7 +45,12 @@ pub fn oversize(event: &Event, size: usize, max: usize, limit: &str) -> PublishE
 /// A failed entry of an SQS or SNS batch call: the sender's fault is
 /// permanent unless the code says "slow down"; the service's fault is
 /// transient.
-pub fn entry_error(operation: &str, code: &str, message: Option<&str>, sender_fault: bool) -> PublishError {
+pub fn entry_error(
+    operation: &str,
+    code: &str,
+    message: Option<&str>,
+    sender_fault: bool,
+) -> PublishError {
     let text = match message {
         Some(m) if !m.is_empty() => format!("{operation}: {code}: {m}"),
         _ => format!("{operation}: {code}"),
@@ -138,7 +147,12 @@ mod tests {
         assert_eq!(d("ThrottlingException", true), Disposition::Transient);
         assert_eq!(d("InternalError", false), Disposition::Transient);
         assert_eq!(d("Whatever", false), Disposition::Transient);
-        let e = entry_error("SendMessageBatch", "InvalidParameterValue", Some("bad"), true);
+        let e = entry_error(
+            "SendMessageBatch",
+            "InvalidParameterValue",
+            Some("bad"),
+            true,
+        );
         assert_eq!(e.message(), "SendMessageBatch: InvalidParameterValue: bad");
     }
 

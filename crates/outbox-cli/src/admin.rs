@@ -89,7 +89,8 @@ fn round(d: Duration) -> Duration {
 pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
     match cmd {
         DeadLetterCommand::List { store, limit, json } => {
-            let letters = with_store!(store.open_existing().await?, s => s.dead_letters(limit).await?);
+            let letters =
+                with_store!(store.open_existing().await?, s => s.dead_letters(limit).await?);
             for d in &letters {
                 if json {
                     print_json(d);

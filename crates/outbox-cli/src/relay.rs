@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use outbox_core::{ClaimSource, Publisher, Relay, RelayConfig};
 
-use crate::target::{with_store, StoreUrl, TargetUrl};
+use crate::target::{with_store, Store, StoreUrl, TargetUrl};
 use crate::{shutdown_signal, CliError};
 
 #[derive(Debug, Args)]
@@ -52,7 +52,19 @@ pub async fn run(args: RelayArgs) -> Result<(), CliError> {
         .publish_timeout(args.publish_timeout);
     let store = args.store.open_existing().await?;
     tracing::info!(store = %args.store, to = %args.to, batch_size = args.batch_size, "relay started");
-    with_store!(store, s => serve(s, publisher, config, args.once).await)
+    // A stream relay hands its lease back on the way out, so the next one
+    // (or a restart) takes over at once instead of waiting it out.
+    let stream = match &store {
+        Store::DynamoStream(source) => Some(source.clone()),
+        _ => None,
+    };
+    let result = with_store!(store, s => serve(s, publisher, config, args.once).await);
+    if let Some(source) = stream {
+        if let Err(e) = source.release().await {
+            tracing::warn!(error = %e, "relay: could not hand the stream back; the next relay waits for the lease");
+        }
+    }
+    result
 }
 
 async fn serve<S: ClaimSource, P: Publisher>(

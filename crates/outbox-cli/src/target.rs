@@ -17,7 +17,10 @@ pub enum StoreUrl {
     Sqlite(PathBuf),
     /// The outbox table on DynamoDB, in the stream shape (read through
     /// DynamoDB Streams) or the polling shape (`?shape=polling`).
-    DynamoDb { table: String, shape: DynamoShape },
+    DynamoDb {
+        table: String,
+        shape: DynamoShape,
+    },
 }
 
 /// Which DynamoDB storage shape a `dynamodb://` store uses.
@@ -151,23 +154,42 @@ impl StoreUrl {
                 match shape {
                     DynamoShape::Stream => {
                         let streams = aws_sdk_dynamodbstreams::Client::new(&config);
-                        let source = StreamSource::new(dynamodb, streams, table);
+                        let source = StreamSource::new(dynamodb.clone(), streams, table);
                         if create {
                             outbox.create_table_if_missing().await?;
-                            source.create_tables_if_missing().await?;
+                        } else {
+                            require_table(&dynamodb, table).await?;
                         }
+                        // The relay's own bookkeeping: checkpoints and dead letters.
+                        source.create_tables_if_missing().await?;
                         Ok(Store::DynamoStream(source))
                     }
                     DynamoShape::Polling => {
                         let outbox = outbox.shape(Shape::Polling);
                         if create {
                             outbox.create_table_if_missing().await?;
+                        } else {
+                            require_table(outbox.client(), table).await?;
                         }
-                        Ok(Store::DynamoPolling(PollingOutbox::new(outbox)))
+                        Ok(Store::DynamoPolling(PollingOutbox::new(outbox)?))
                     }
                 }
             }
         }
+    }
+}
+
+/// Fails clearly when the outbox table does not exist.
+async fn require_table(client: &aws_sdk_dynamodb::Client, table: &str) -> Result<(), CliError> {
+    match client.describe_table().table_name(table).send().await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            Err(CliError::Usage(format!("no DynamoDB table named {table}")))
+        }
+        Err(e) => Err(outbox_aws::store_error("DescribeTable", e).into()),
     }
 }
 
@@ -287,12 +309,17 @@ mod tests {
                 shape: DynamoShape::Stream
             })
         );
-        let polling = "dynamodb://Outbox?shape=polling".parse::<StoreUrl>().unwrap();
+        let polling = "dynamodb://Outbox?shape=polling"
+            .parse::<StoreUrl>()
+            .unwrap();
         assert_eq!(polling.to_string(), "dynamodb://Outbox?shape=polling");
         assert!("dynamodb://x".parse::<StoreUrl>().is_err());
         assert!("dynamodb://Outbox?shape=queue".parse::<StoreUrl>().is_err());
         assert_eq!(
-            "eventbridge://orders".parse::<TargetUrl>().unwrap().to_string(),
+            "eventbridge://orders"
+                .parse::<TargetUrl>()
+                .unwrap()
+                .to_string(),
             "eventbridge://orders"
         );
         assert_eq!("null://".parse::<TargetUrl>(), Ok(TargetUrl::Null));

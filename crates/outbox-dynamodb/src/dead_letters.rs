@@ -74,7 +74,9 @@ fn s(v: impl Into<String>) -> AttributeValue {
 }
 
 fn string_attr<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a str> {
-    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
 }
 
 /// Creates a table with a string partition key and sort key unless it exists,
@@ -163,7 +165,10 @@ impl DeadLetterTable {
                 (EVENT.to_owned(), s(json)),
                 (ATTEMPTS.to_owned(), AttributeValue::N(attempts.to_string())),
                 (LAST_ERROR.to_owned(), s(error.clone())),
-                (STORED_AT.to_owned(), AttributeValue::N(now_ms().to_string())),
+                (
+                    STORED_AT.to_owned(),
+                    AttributeValue::N(now_ms().to_string()),
+                ),
             ]);
             requests.push(put_request(item)?);
         }
@@ -334,7 +339,10 @@ impl DeadLetterTable {
         Ok(())
     }
 
-    async fn get_dead(&self, id: EventId) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
+    async fn get_dead(
+        &self,
+        id: EventId,
+    ) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
         let out = self
             .client
             .get_item()
@@ -349,12 +357,18 @@ impl DeadLetterTable {
     }
 
     /// Moves one dead item to the replay state; false if it was not dead.
-    async fn move_to_replay(&self, item: HashMap<String, AttributeValue>) -> Result<bool, StoreError> {
+    async fn move_to_replay(
+        &self,
+        item: HashMap<String, AttributeValue>,
+    ) -> Result<bool, StoreError> {
         let id = string_attr(&item, ID).unwrap_or_default().to_owned();
         let mut replay = item;
         replay.insert(STATE.to_owned(), s(REPLAY));
         replay.insert(ATTEMPTS.to_owned(), AttributeValue::N("0".into()));
-        replay.insert(STORED_AT.to_owned(), AttributeValue::N(now_ms().to_string()));
+        replay.insert(
+            STORED_AT.to_owned(),
+            AttributeValue::N(now_ms().to_string()),
+        );
         let config = |e: aws_sdk_dynamodb::error::BuildError| StoreError::Config(e.to_string());
         let put = Put::builder()
             .table_name(&self.table)
@@ -401,8 +415,8 @@ fn put_request(item: HashMap<String, AttributeValue>) -> Result<WriteRequest, St
 fn decode_letter(item: &HashMap<String, AttributeValue>) -> Result<DeadLetter, StoreError> {
     let json = string_attr(item, EVENT)
         .ok_or_else(|| backend("dead letter", "item has no `event` attribute"))?;
-    let event: Event =
-        serde_json::from_str(json).map_err(|e| backend("dead letter", format!("bad event: {e}")))?;
+    let event: Event = serde_json::from_str(json)
+        .map_err(|e| backend("dead letter", format!("bad event: {e}")))?;
     let attempts = item
         .get(ATTEMPTS)
         .and_then(|v| v.as_n().ok())

@@ -74,6 +74,7 @@ impl TransactError {
     {
         match outbox_aws::store_error(operation, err) {
             StoreError::Unavailable(e) => TransactError::Retryable(e),
+            StoreError::Backend(e) => TransactError::Backend(e),
             other => TransactError::Backend(Box::new(other)),
         }
     }

@@ -91,6 +91,60 @@ impl DynamoInbox {
     }
 }
 
+impl DynamoInbox {
+    /// Deletes `consumer`'s records written before `before`; returns how many.
+    /// It queries that consumer's partition (never a Scan) and reads all of
+    /// its records to filter them: [`DynamoInbox::retention`] with the
+    /// table's TTL does the same at no read cost.
+    pub async fn purge_older_than(
+        &self,
+        consumer: &str,
+        before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, StoreError> {
+        use futures_util::{stream, StreamExt, TryStreamExt};
+        let cutoff = AttributeValue::N(before.timestamp_millis().to_string());
+        let mut purged = 0u64;
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :consumer")
+                .filter_expression("#at < :cutoff")
+                .projection_expression("#pk, #sk")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_names("#at", RECORDED_AT)
+                .expression_attribute_values(":consumer", AttributeValue::S(consumer.to_owned()))
+                .expression_attribute_values(":cutoff", cutoff.clone())
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| outbox_aws::store_error("Query (inbox purge)", e))?;
+            let deleted: Vec<()> = stream::iter(page.items().iter().cloned())
+                .map(|key| async move {
+                    self.client
+                        .delete_item()
+                        .table_name(&self.table)
+                        .set_key(Some(key))
+                        .send()
+                        .await
+                        .map(drop)
+                        .map_err(|e| outbox_aws::store_error("DeleteItem (inbox purge)", e))
+                })
+                .buffer_unordered(16)
+                .try_collect()
+                .await?;
+            purged += deleted.len() as u64;
+            match page.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => return Ok(purged),
+            }
+        }
+    }
+}
+
 impl Inbox for DynamoInbox {
     type Connection = Transaction;
 

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod dead_letters;
 pub mod error;
 pub mod inbox;
 pub mod item;
@@ -7,6 +8,7 @@ pub mod limits;
 pub mod outbox;
 pub mod polling;
 pub mod record;
+pub mod stream_source;
 mod tables;
 pub mod transaction;
 
@@ -22,3 +24,6 @@ pub use limits::Limits;
 pub use outbox::{DynamoOutbox, Shape};
 pub use polling::{PollingOutbox, PollingReceipt};
 pub use transaction::Transaction;
+
+pub use dead_letters::{DeadLetterTable, MalformedRecord};
+pub use stream_source::{StartAt, StreamReceipt, StreamSource};

@@ -5,7 +5,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType,
     Projection, ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType,
-    TableStatus, TimeToLiveSpecification,
+    TableDescription, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
 use outbox_core::StoreError;
@@ -67,7 +67,21 @@ pub(crate) async fn create_stream_table(client: &Client, table: &str) -> Result<
                 .map_err(build_error)?,
         );
     created(table, request.send().await)?;
-    wait_active(client, table).await
+    let described = wait_active(client, table).await?;
+    // An existing table must carry the events to the stream relay.
+    let streams_images = described.stream_specification().is_some_and(|s| {
+        s.stream_enabled()
+            && matches!(
+                s.stream_view_type(),
+                Some(StreamViewType::NewImage | StreamViewType::NewAndOldImages)
+            )
+    });
+    if !streams_images {
+        return Err(StoreError::Config(format!(
+            "table {table} has no stream with new images (NEW_IMAGE or NEW_AND_OLD_IMAGES): the stream relay cannot read it"
+        )));
+    }
+    Ok(())
 }
 
 /// The polling shape: key `pk` + `sk`, the three sparse indexes, TTL on
@@ -100,7 +114,18 @@ pub(crate) async fn create_polling_table(client: &Client, table: &str) -> Result
             ProjectionType::KeysOnly,
         )?);
     let created = created(table, request.send().await)?;
-    wait_active(client, table).await?;
+    let described = wait_active(client, table).await?;
+    for wanted in [PENDING_INDEX, DEAD_INDEX, PUBLISHED_INDEX] {
+        if !described
+            .global_secondary_indexes()
+            .iter()
+            .any(|i| i.index_name() == Some(wanted))
+        {
+            return Err(StoreError::Config(format!(
+                "table {table} lacks the `{wanted}` index of the polling shape"
+            )));
+        }
+    }
     if created {
         enable_ttl(client, table, EXPIRES_AT).await?;
     }
@@ -172,7 +197,7 @@ async fn enable_ttl(client: &Client, table: &str, attribute: &str) -> Result<(),
     Ok(())
 }
 
-async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
+async fn wait_active(client: &Client, table: &str) -> Result<TableDescription, StoreError> {
     let until = tokio::time::Instant::now() + ACTIVE_TIMEOUT;
     loop {
         let described = client
@@ -181,14 +206,14 @@ async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
             .send()
             .await
             .map_err(|e| outbox_aws::store_error(&format!("DescribeTable {table}"), e))?;
-        let ready = described.table().is_some_and(|t| {
-            t.table_status() == Some(&TableStatus::Active)
+        if let Some(t) = described.table {
+            let ready = t.table_status() == Some(&TableStatus::Active)
                 && t.global_secondary_indexes()
                     .iter()
-                    .all(|i| i.index_status() == Some(&IndexStatus::Active))
-        });
-        if ready {
-            return Ok(());
+                    .all(|i| i.index_status() == Some(&IndexStatus::Active));
+            if ready {
+                return Ok(t);
+            }
         }
         if tokio::time::Instant::now() >= until {
             return Err(StoreError::Unavailable(

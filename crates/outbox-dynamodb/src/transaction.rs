@@ -5,8 +5,8 @@
 //!
 //! - stream: ONE `Update` per aggregate of its outbox item (see
 //!   [`crate::item`]), setting this transaction's events, on the condition
-//!   that the item is at the expected version (first new version − 1) or,
-//!   for an expected version of 0, does not exist yet;
+//!   that the item does not exist or is at the expected version (first new
+//!   version − 1); for an expected version of 0 it must not exist;
 //! - polling: one `Update` of the aggregate's head item with the same
 //!   condition, plus one conditional `Put` per event (see [`crate::polling`]).
 //!
@@ -126,8 +126,8 @@ impl Transaction {
     }
 
     /// Events of any number of aggregates; per aggregate, versions must
-    /// increase, and the first one minus one is the version the aggregate
-    /// must be at (0: it must have no outbox item yet).
+    /// increase, and the first one minus one is the version the aggregate's
+    /// outbox item must be at if it exists (0: it must not exist yet).
     pub fn events(mut self, events: impl IntoIterator<Item = Event>) -> Self {
         self.push_events(events);
         self

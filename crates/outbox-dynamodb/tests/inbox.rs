@@ -184,3 +184,33 @@ async fn inbox_and_new_events_share_one_transaction() {
         "the consumer's own event was written with its inbox record"
     );
 }
+
+#[tokio::test]
+async fn purge_removes_only_old_records_of_one_consumer() {
+    let c = consumer().await;
+    let (old, other) = (EventId::new(), EventId::new());
+    c.handle(old).await.expect("old");
+    let mut tx = c.inbox.transaction();
+    c.inbox
+        .record(&mut tx, "billing", other)
+        .await
+        .expect("record");
+    tx.commit().await.expect("commit");
+    let cutoff = chrono::Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        c.inbox
+            .purge_older_than("shipping", chrono::Utc::now() - chrono::Duration::hours(1))
+            .await
+            .expect("purge"),
+        0
+    );
+    assert_eq!(
+        c.inbox
+            .purge_older_than("shipping", cutoff)
+            .await
+            .expect("purge"),
+        1
+    );
+    assert!(!c.inbox.contains("shipping", old).await.expect("read"));
+    assert!(c.inbox.contains("billing", other).await.expect("read"));
+}

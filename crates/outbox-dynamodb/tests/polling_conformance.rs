@@ -95,3 +95,75 @@ impl StoreHarness for Dynamo {
 }
 
 outbox_testkit::store_conformance!(Dynamo::new, StoreFeatures::all());
+
+/// The table as documented: idempotent creation, TTL on `expires_at`, set
+/// when an event is published.
+#[tokio::test]
+async fn polling_table_has_ttl_and_published_items_expire() {
+    use outbox_core::{ClaimRequest, ClaimSource, Settlements};
+    use std::time::Duration;
+
+    let h = Dynamo::new().await;
+    h.outbox
+        .create_table_if_missing()
+        .await
+        .expect("a second create is a no-op");
+    let ttl = h
+        .client
+        .describe_time_to_live()
+        .table_name(h.outbox.table())
+        .send()
+        .await
+        .expect("describe ttl");
+    let ttl = ttl.time_to_live_description().expect("ttl description");
+    assert_eq!(ttl.attribute_name(), Some("expires_at"));
+
+    h.write(
+        "o-1",
+        &[outbox_testkit::order_event("o-1", 1, "OrderCreated")],
+        true,
+    )
+    .await
+    .expect("write");
+    let store = h.store().retention(Duration::from_secs(3600));
+    let claimed = store
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
+    let published = Settlements {
+        published: claimed.events.iter().map(|c| c.receipt.clone()).collect(),
+        ..Settlements::default()
+    };
+    assert_eq!(
+        store
+            .settle(claimed.lease, published)
+            .await
+            .expect("settle"),
+        1
+    );
+    let item = h
+        .client
+        .get_item()
+        .table_name(h.outbox.table())
+        .key("pk", AttributeValue::S("Order#o-1".into()))
+        .key("sk", AttributeValue::N("1".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("get")
+        .item
+        .expect("item");
+    let expires: i64 = match item.get("expires_at") {
+        Some(AttributeValue::N(n)) => n.parse().expect("number"),
+        other => panic!("no expires_at: {other:?}"),
+    };
+    let in_an_hour = chrono::Utc::now().timestamp() + 3600;
+    assert!(
+        (in_an_hour - 5..=in_an_hour).contains(&expires),
+        "{expires}"
+    );
+    assert!(
+        !item.contains_key("pending_key"),
+        "published items leave the pending index"
+    );
+}

@@ -367,3 +367,53 @@ async fn polling_shape_writes_a_head_and_one_item_per_event() {
         .expect_err("101 actions");
     assert_eq!(err.to_string(), "transaction actions exceeded: 101 > 100");
 }
+
+/// The size count agrees with DynamoDB: the largest item the count lets
+/// through (exactly 400 KiB by DynamoDB's rules) is accepted by the service.
+#[tokio::test]
+async fn the_largest_item_allowed_is_accepted() {
+    let t = tables().await;
+    let fits = |payload: usize| {
+        t.outbox
+            .transaction()
+            .events([big_event("o-1", 1, payload)])
+            .build()
+            .is_ok()
+    };
+    // The largest payload that builds, by bisection.
+    let (mut ok, mut too_big) = (1usize, 400 * 1024);
+    assert!(fits(ok) && !fits(too_big));
+    while too_big - ok > 1 {
+        let mid = (ok + too_big) / 2;
+        if fits(mid) {
+            ok = mid;
+        } else {
+            too_big = mid;
+        }
+    }
+    assert!(
+        ok > 400 * 1024 - 1024,
+        "the envelope cannot take 1 KiB: {ok}"
+    );
+    t.outbox
+        .transaction()
+        .events([big_event("o-1", 1, ok)])
+        .commit()
+        .await
+        .expect("DynamoDB accepts what the count lets through");
+    let item = outbox_item(&t, "o-1").await.expect("stored");
+    assert_eq!(item.version, 1);
+    // And the count is not lax: with our check lifted, a few bytes more are
+    // refused by DynamoDB itself.
+    let err = t
+        .outbox
+        .clone()
+        .limits(outbox_dynamodb::Limits::default().max_item_bytes(usize::MAX))
+        .transaction()
+        .events([big_event("o-2", 1, ok + 64)])
+        .commit()
+        .await
+        .expect_err("DynamoDB refuses an item over 400 KiB");
+    assert!(!err.is_retryable(), "{err:?}");
+    assert!(err.to_string().contains("size"), "{err}");
+}

@@ -6,10 +6,12 @@ use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use aws_sdk_eventbridge::Client;
 use outbox_aws::batch::{self, Results};
 use outbox_core::publish::DEFAULT_SOURCE;
-use outbox_core::{cloudevents, Disposition, Event, PublishError, PublishRequest, PublishResult, Publisher};
+use outbox_core::{
+    cloudevents, Disposition, Event, PublishError, PublishRequest, PublishResult, Publisher,
+};
 
-/// Most entries one `PutEvents` call takes (EventBridge API reference, PutEvents: "Entries ... Array Members:
-/// Minimum number of 1 item. Maximum number of 10 items").
+/// Most entries one `PutEvents` call takes (EventBridge API reference,
+/// PutEvents: `Entries` holds 1 to 10 items).
 pub const MAX_ENTRIES_PER_CALL: usize = 10;
 
 /// Largest entry EventBridge accepts, 256 KiB, measured as
@@ -18,8 +20,8 @@ pub const MAX_ENTRIES_PER_CALL: usize = 10;
 /// 256KB").
 pub const MAX_ENTRY_BYTES: usize = 256 * 1024;
 
-/// Largest sum of entry sizes in one `PutEvents` call: the same page counts
-/// a whole request's entries against 256 KiB.
+/// Largest sum of entry sizes in one `PutEvents` call: the same page says
+/// entries batched into one request must total less than 256 KB.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 const OPERATION: &str = "PutEvents";
@@ -162,7 +164,10 @@ impl Publisher for EventBridgePublisher {
             let size = entry_size(&entry);
             if size > self.max_entry_bytes {
                 let limit = "EventBridge entry limit";
-                results.set(i, Err(batch::oversize(event, size, self.max_entry_bytes, limit)));
+                results.set(
+                    i,
+                    Err(batch::oversize(event, size, self.max_entry_bytes, limit)),
+                );
             } else {
                 accepted.push((i, entry, size));
             }
@@ -171,7 +176,12 @@ impl Publisher for EventBridgePublisher {
         for call in batch::split_calls(&sizes, MAX_ENTRIES_PER_CALL, MAX_REQUEST_BYTES) {
             let chunk = &accepted[call];
             let entries: Vec<_> = chunk.iter().map(|(_, entry, _)| entry.clone()).collect();
-            let sent = self.client.put_events().set_entries(Some(entries)).send().await;
+            let sent = self
+                .client
+                .put_events()
+                .set_entries(Some(entries))
+                .send()
+                .await;
             match sent {
                 Ok(output) => {
                     if output.failed_entry_count() > 0 {
@@ -225,7 +235,10 @@ mod tests {
         };
         // "urn:ö" is 6 UTF-8 bytes; a Time counts 14 whatever its value.
         assert_eq!(entry_size(&entry(None)), 6 + 1 + 2 + 5);
-        assert_eq!(entry_size(&entry(Some(DateTime::from_secs(0)))), 6 + 1 + 2 + 5 + 14);
+        assert_eq!(
+            entry_size(&entry(Some(DateTime::from_secs(0)))),
+            6 + 1 + 2 + 5 + 14
+        );
     }
 
     #[test]
@@ -251,7 +264,9 @@ mod tests {
         assert_eq!(detail.event, event);
         assert_eq!(detail.source, "urn:shop");
 
-        let untraced = Event::builder("Order", "o-1", 3, "OrderPaid").build().unwrap();
+        let untraced = Event::builder("Order", "o-1", 3, "OrderPaid")
+            .build()
+            .unwrap();
         assert_eq!(publisher.entry(&untraced).trace_header(), None);
     }
 

@@ -44,6 +44,24 @@ impl<S: DeadLetterSink + ?Sized> DeadLetterSink for Arc<S> {
     }
 }
 
+impl<S: DeadLetterSink + ?Sized> DeadLetterSink for &S {
+    fn dead_letter_events(
+        &self,
+        dead: &[(Event, u32, String)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).dead_letter_events(dead)
+    }
+
+    fn dead_letter_record(
+        &self,
+        sequence_number: &str,
+        raw_record: &str,
+        error: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).dead_letter_record(sequence_number, raw_record, error)
+    }
+}
+
 /// A stream record kept by [`MemoryDeadLetters`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadRecord {

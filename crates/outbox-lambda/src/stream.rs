@@ -144,9 +144,12 @@ impl StreamBatchResponse {
 
 impl From<StreamBatchResponse> for aws_lambda_events::event::streams::DynamoDbEventResponse {
     fn from(response: StreamBatchResponse) -> Self {
+        use aws_lambda_events::event::streams::DynamoDbBatchItemFailure;
         let mut out = Self::default();
         for failure in response.batch_item_failures {
-            out.add_failure(failure.item_identifier);
+            let mut item = DynamoDbBatchItemFailure::default();
+            item.item_identifier = Some(failure.item_identifier);
+            out.batch_item_failures.push(item);
         }
         out
     }
@@ -364,6 +367,19 @@ impl<P: Publisher, D: DeadLetterSink> StreamRelayHandler<P, D> {
         loop {
             let now = Instant::now();
             while publishing < self.config.publish_concurrency {
+                // A call in flight will free more aggregates: wait for it
+                // rather than send a part-filled call, since every call has
+                // a fixed cost.
+                if publishing > 0
+                    && aggregates
+                        .iter()
+                        .filter(|a| a.ready(now))
+                        .take(max_batch)
+                        .count()
+                        < max_batch
+                {
+                    break;
+                }
                 let mut events = Vec::new();
                 let mut tickets = Vec::new();
                 // Aggregates in order of first appearance: the earliest

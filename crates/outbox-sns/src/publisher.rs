@@ -116,7 +116,11 @@ impl SnsPublisher {
     }
 
     /// The batch entry an event becomes, `id` being its batch entry id.
-    pub fn entry(&self, id: usize, event: &Event) -> Result<PublishBatchRequestEntry, PublishError> {
+    pub fn entry(
+        &self,
+        id: usize,
+        event: &Event,
+    ) -> Result<PublishBatchRequestEntry, PublishError> {
         let content_type = MessageAttributeValue::builder()
             .data_type(STRING)
             .string_value(STRUCTURED_CONTENT_TYPE)
@@ -147,7 +151,12 @@ fn read_response(output: &PublishBatchOutput, results: &mut Results) {
     }
     for failed in output.failed() {
         if let Ok(i) = failed.id().parse::<usize>() {
-            let error = batch::entry_error(OPERATION, failed.code(), failed.message(), failed.sender_fault());
+            let error = batch::entry_error(
+                OPERATION,
+                failed.code(),
+                failed.message(),
+                failed.sender_fault(),
+            );
             results.set(i, Err(error));
         }
     }
@@ -168,7 +177,10 @@ impl Publisher for SnsPublisher {
                     let size = message_size(&entry);
                     if size > self.max_entry_bytes {
                         let limit = "SNS message limit";
-                        results.set(i, Err(batch::oversize(event, size, self.max_entry_bytes, limit)));
+                        results.set(
+                            i,
+                            Err(batch::oversize(event, size, self.max_entry_bytes, limit)),
+                        );
                     } else {
                         accepted.push((event, entry, size));
                     }
@@ -223,7 +235,9 @@ mod tests {
     }
 
     fn event(trace: Option<&str>) -> Event {
-        let mut e = Event::builder("Order", "o-1", 1, "OrderCreated").build().unwrap();
+        let mut e = Event::builder("Order", "o-1", 1, "OrderCreated")
+            .build()
+            .unwrap();
         e.metadata.traceparent = trace.map(str::to_owned);
         e
     }
@@ -247,7 +261,9 @@ mod tests {
     #[test]
     fn entry_carries_body_attribute_and_fifo_ids() {
         let e = event(Some(T1));
-        let standard = publisher("arn:aws:sns:us-east-1:1:orders").entry(4, &e).unwrap();
+        let standard = publisher("arn:aws:sns:us-east-1:1:orders")
+            .entry(4, &e)
+            .unwrap();
         assert_eq!(standard.id(), "4");
         assert_eq!(cloudevents::from_json(standard.message()).unwrap().event, e);
         assert_eq!(
@@ -255,19 +271,32 @@ mod tests {
             Some("application/cloudevents+json")
         );
         assert_eq!(standard.message_group_id(), None);
-        let fifo = publisher("arn:aws:sns:us-east-1:1:orders.fifo").entry(0, &e).unwrap();
+        let fifo = publisher("arn:aws:sns:us-east-1:1:orders.fifo")
+            .entry(0, &e)
+            .unwrap();
         assert_eq!(fifo.message_group_id(), Some("o-1"));
-        assert_eq!(fifo.message_deduplication_id(), Some(e.id.to_string().as_str()));
+        assert_eq!(
+            fifo.message_deduplication_id(),
+            Some(e.id.to_string().as_str())
+        );
         assert_eq!(
             message_size(&fifo),
-            fifo.message().len() + "content-type".len() + "String".len() + "application/cloudevents+json".len()
+            fifo.message().len()
+                + "content-type".len()
+                + "String".len()
+                + "application/cloudevents+json".len()
         );
     }
 
     #[test]
     fn failed_entries_are_read_by_id() {
         let output = PublishBatchOutput::builder()
-            .successful(PublishBatchResultEntry::builder().id("1").message_id("m").build())
+            .successful(
+                PublishBatchResultEntry::builder()
+                    .id("1")
+                    .message_id("m")
+                    .build(),
+            )
             .failed(
                 BatchResultErrorEntry::builder()
                     .id("0")
@@ -289,8 +318,14 @@ mod tests {
         let mut results = Results::new(3);
         read_response(&output, &mut results);
         let results = results.finish(OPERATION);
-        assert_eq!(results[0].as_ref().unwrap_err().disposition(), Disposition::Permanent);
+        assert_eq!(
+            results[0].as_ref().unwrap_err().disposition(),
+            Disposition::Permanent
+        );
         assert!(results[1].is_ok());
-        assert_eq!(results[2].as_ref().unwrap_err().disposition(), Disposition::Transient);
+        assert_eq!(
+            results[2].as_ref().unwrap_err().disposition(),
+            Disposition::Transient
+        );
     }
 }

@@ -91,7 +91,9 @@ mod tests {
         assert_eq!(parse_delivery("hello").unwrap_err().field(), "body");
         assert_eq!(parse_delivery("{\"a\":1}").unwrap_err().field(), "body");
         assert_eq!(
-            parse_delivery("{\"Type\":\"Notification\"}").unwrap_err().field(),
+            parse_delivery("{\"Type\":\"Notification\"}")
+                .unwrap_err()
+                .field(),
             "Message"
         );
         // An SNS notification whose message is not a CloudEvent.

@@ -101,7 +101,11 @@ impl SqsPublisher {
     }
 
     /// The batch entry an event becomes, `id` being its batch entry id.
-    pub fn entry(&self, id: usize, event: &Event) -> Result<SendMessageBatchRequestEntry, PublishError> {
+    pub fn entry(
+        &self,
+        id: usize,
+        event: &Event,
+    ) -> Result<SendMessageBatchRequestEntry, PublishError> {
         let content_type = MessageAttributeValue::builder()
             .data_type(STRING)
             .string_value(STRUCTURED_CONTENT_TYPE)
@@ -122,7 +126,10 @@ impl SqsPublisher {
                 .string_value(header)
                 .build()
                 .map_err(|e| PublishError::permanent(format!("{OPERATION}: {e}")))?;
-            entry = entry.message_system_attributes(MessageSystemAttributeNameForSends::AwsTraceHeader, value);
+            entry = entry.message_system_attributes(
+                MessageSystemAttributeNameForSends::AwsTraceHeader,
+                value,
+            );
         }
         if self.fifo {
             entry = entry
@@ -145,7 +152,12 @@ fn read_response(output: &SendMessageBatchOutput, results: &mut Results) {
     }
     for failed in output.failed() {
         if let Ok(i) = failed.id().parse::<usize>() {
-            let error = batch::entry_error(OPERATION, failed.code(), failed.message(), failed.sender_fault());
+            let error = batch::entry_error(
+                OPERATION,
+                failed.code(),
+                failed.message(),
+                failed.sender_fault(),
+            );
             results.set(i, Err(error));
         }
     }
@@ -165,7 +177,10 @@ impl Publisher for SqsPublisher {
                     let size = message_size(&entry);
                     if size > self.max_entry_bytes {
                         let limit = "SQS message limit";
-                        results.set(i, Err(batch::oversize(event, size, self.max_entry_bytes, limit)));
+                        results.set(
+                            i,
+                            Err(batch::oversize(event, size, self.max_entry_bytes, limit)),
+                        );
                     } else {
                         accepted.push((entry, size));
                     }
@@ -225,7 +240,10 @@ mod tests {
     #[test]
     fn entry_carries_body_attribute_and_trace_header() {
         let event = traced();
-        let entry = publisher("http://q/123/orders").source("urn:shop").entry(3, &event).unwrap();
+        let entry = publisher("http://q/123/orders")
+            .source("urn:shop")
+            .entry(3, &event)
+            .unwrap();
         assert_eq!(entry.id(), "3");
         let back = cloudevents::from_json(entry.message_body()).unwrap();
         assert_eq!(back.event, event);
@@ -251,7 +269,10 @@ mod tests {
         assert!(p.is_fifo());
         let entry = p.entry(0, &event).unwrap();
         assert_eq!(entry.message_group_id(), Some("o-1"));
-        assert_eq!(entry.message_deduplication_id(), Some(event.id.to_string().as_str()));
+        assert_eq!(
+            entry.message_deduplication_id(),
+            Some(event.id.to_string().as_str())
+        );
     }
 
     #[test]
@@ -299,10 +320,19 @@ mod tests {
         read_response(&output, &mut results);
         let results = results.finish(OPERATION);
         assert!(results[0].is_ok());
-        assert_eq!(results[1].as_ref().unwrap_err().disposition(), Disposition::Transient);
+        assert_eq!(
+            results[1].as_ref().unwrap_err().disposition(),
+            Disposition::Transient
+        );
         let bad = results[2].as_ref().unwrap_err();
         assert_eq!(bad.disposition(), Disposition::Permanent);
-        assert_eq!(bad.message(), "SendMessageBatch: InvalidMessageContents: bad characters");
-        assert_eq!(results[3].as_ref().unwrap_err().disposition(), Disposition::Transient);
+        assert_eq!(
+            bad.message(),
+            "SendMessageBatch: InvalidMessageContents: bad characters"
+        );
+        assert_eq!(
+            results[3].as_ref().unwrap_err().disposition(),
+            Disposition::Transient
+        );
     }
 }

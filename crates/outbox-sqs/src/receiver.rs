@@ -49,7 +49,11 @@ impl SqsReceiver {
     /// Up to `max_messages` (clamped to 1..=10) messages, long-polling up to
     /// `wait` (at most 20 s) when none are there. Received messages stay in
     /// the queue, invisible for its visibility timeout, until deleted.
-    pub async fn receive(&self, max_messages: i32, wait: Duration) -> Result<Vec<Delivery>, StoreError> {
+    pub async fn receive(
+        &self,
+        max_messages: i32,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, StoreError> {
         let out = self
             .client
             .receive_message()
@@ -80,9 +84,48 @@ impl SqsReceiver {
             .collect())
     }
 
+    /// Receives and deletes messages until `n` events have arrived or
+    /// `timeout` has passed, and returns the events in arrival order.
+    /// Bodies that are not events are deleted and skipped with a warning.
+    /// For tests and demos that only watch a queue.
+    pub async fn collect_events(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Received>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = Vec::new();
+        while events.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let wait = left.min(Duration::from_secs(1));
+            let batch = self.receive(MAX_PER_CALL as i32, wait).await?;
+            if batch.is_empty() {
+                // An emulator may answer at once instead of long-polling.
+                tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+                continue;
+            }
+            self.delete(&batch).await?;
+            for delivery in batch {
+                match delivery.event {
+                    Ok(event) => events.push(event),
+                    Err(error) => {
+                        tracing::warn!(%error, message_id = %delivery.message_id, "not an event")
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
     /// Deletes handled messages.
     pub async fn delete(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
-        let handles: Vec<&str> = deliveries.iter().map(|d| d.receipt_handle.as_str()).collect();
+        let handles: Vec<&str> = deliveries
+            .iter()
+            .map(|d| d.receipt_handle.as_str())
+            .collect();
         self.delete_handles(&handles).await
     }
 
@@ -115,8 +158,12 @@ impl SqsReceiver {
                     .iter()
                     .map(|f| format!("{}: {}", f.code(), f.message().unwrap_or("")))
                     .collect();
-                let error: BoxError =
-                    format!("DeleteMessageBatch failed for {} messages: {}", reasons.len(), reasons.join("; ")).into();
+                let error: BoxError = format!(
+                    "DeleteMessageBatch failed for {} messages: {}",
+                    reasons.len(),
+                    reasons.join("; ")
+                )
+                .into();
                 return Err(if out.failed().iter().any(|f| f.sender_fault()) {
                     StoreError::Backend(error)
                 } else {

@@ -67,11 +67,18 @@ pub fn sender_policy(queue_arn: &str, source_arns: &[&str]) -> String {
 }
 
 /// Sets the queue's policy to [`sender_policy`], replacing any policy it had.
-pub async fn allow_senders(client: &Client, queue: &Queue, source_arns: &[&str]) -> Result<(), StoreError> {
+pub async fn allow_senders(
+    client: &Client,
+    queue: &Queue,
+    source_arns: &[&str],
+) -> Result<(), StoreError> {
     client
         .set_queue_attributes()
         .queue_url(&queue.url)
-        .attributes(QueueAttributeName::Policy, sender_policy(&queue.arn, source_arns))
+        .attributes(
+            QueueAttributeName::Policy,
+            sender_policy(&queue.arn, source_arns),
+        )
         .send()
         .await
         .map_err(|e| outbox_aws::store_error("SetQueueAttributes", e))?;

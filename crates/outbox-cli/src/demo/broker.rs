@@ -124,9 +124,9 @@ impl Deliveries for SqsDeliveries {
     }
 
     async fn ack(&mut self, batch: &[Delivery]) {
-        let handles: Vec<String> = batch.iter().filter_map(|d| d.receipt.clone()).collect();
+        let handles: Vec<&str> = batch.iter().filter_map(|d| d.receipt.as_deref()).collect();
         for chunk in handles.chunks(SQS_MAX_MESSAGES) {
-            if let Err(e) = self.receiver.delete(chunk).await {
+            if let Err(e) = self.receiver.delete_handles(chunk).await {
                 // Not deleted means delivered again: the inbox absorbs it.
                 tracing::warn!(error = %e, "shipping: cannot delete messages");
             }
@@ -135,6 +135,17 @@ impl Deliveries for SqsDeliveries {
 
     fn in_flight_probe(&self) -> Option<SentProbe> {
         None
+    }
+}
+
+/// `arn:aws:events:REGION:ACCOUNT:event-bus/BUS` becomes the rule's ARN:
+/// `rule/BUS/RULE`, or `rule/RULE` on the default bus.
+fn rule_arn(bus_arn: &str, bus: &str, rule: &str) -> String {
+    let prefix = bus_arn.split("event-bus/").next().unwrap_or(bus_arn);
+    if bus == "default" {
+        format!("{prefix}rule/{rule}")
+    } else {
+        format!("{prefix}rule/{bus}/{rule}")
     }
 }
 
@@ -150,25 +161,26 @@ pub async fn eventbridge_to_sqs(
     let events = aws_sdk_eventbridge::Client::new(&config);
     let sqs = aws_sdk_sqs::Client::new(&config);
     let setup = |e: StoreError| CliError::Store(e);
-    outbox_eventbridge::setup::ensure_bus(&events, bus)
+    let bus_arn = outbox_eventbridge::setup::ensure_bus(&events, bus)
         .await
         .map_err(setup)?;
-    let queue = outbox_sqs::setup::ensure_queue(&sqs, &format!("{table}-shipping"), false)
+    let name = format!("{table}-shipping");
+    let queue = outbox_sqs::setup::ensure_queue(&sqs, &name, false)
         .await
         .map_err(setup)?;
-    outbox_sqs::setup::allow_eventbridge(&sqs, &queue)
-        .await
-        .map_err(setup)?;
-    let pattern = serde_json::json!({ "source": [source] }).to_string();
     outbox_eventbridge::setup::ensure_rule_to_queue(
         &events,
         bus,
-        &format!("{table}-shipping"),
+        &name,
         &queue.arn,
-        &pattern,
+        &outbox_eventbridge::setup::source_pattern(source),
     )
     .await
     .map_err(setup)?;
+    // Only this rule may send to the queue.
+    outbox_sqs::setup::allow_senders(&sqs, &queue, &[&rule_arn(&bus_arn, bus, &name)])
+        .await
+        .map_err(setup)?;
     let publisher = EventBridgePublisher::new(events, bus).source(source);
     let receiver = SqsReceiver::new(sqs, queue.url);
     Ok((publisher, SqsDeliveries { receiver }))

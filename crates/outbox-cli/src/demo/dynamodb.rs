@@ -47,7 +47,7 @@ impl DynamoShop {
         let client = Client::new(&config);
         let streams = aws_sdk_dynamodbstreams::Client::new(&config);
         let outbox = DynamoOutbox::new(client.clone(), table);
-        let source = StreamSource::new(client.clone(), streams.clone(), table);
+        let source = stream_source(&client, &streams, table);
         outbox.create_table_if_missing().await?;
         source.create_tables_if_missing().await?;
         let orders = format!("{table}-orders");
@@ -132,9 +132,29 @@ async fn create_keyed_table(client: &Client, name: &str, key: &str) -> Result<()
     match created {
         Ok(_) => Ok(()),
         // Another process made it in the meantime.
-        Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()) => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_in_use_exception()) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(outbox_aws::store_error("CreateTable", e)),
     }
+}
+
+/// How long a killed relay keeps the stream: the next one waits this out,
+/// as it would after a real crash.
+const RELAY_LEASE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A stream reader resuming from the checkpoints the last relay left.
+fn stream_source(
+    client: &Client,
+    streams: &aws_sdk_dynamodbstreams::Client,
+    table: &str,
+) -> StreamSource {
+    StreamSource::new(client.clone(), streams.clone(), table)
+        .lease_ttl(RELAY_LEASE)
+        .wait_for_lease(true)
 }
 
 fn built<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, StoreError> {
@@ -148,10 +168,14 @@ impl Shop for DynamoShop {
         self.source.clone()
     }
 
+    fn takeover_delay(&self) -> std::time::Duration {
+        RELAY_LEASE
+    }
+
     async fn relay_source(&self) -> Result<StreamSource, StoreError> {
-        Ok(StreamSource::new(
-            self.client.clone(),
-            self.streams.clone(),
+        Ok(stream_source(
+            &self.client,
+            &self.streams,
             self.outbox.table(),
         ))
     }
@@ -199,7 +223,11 @@ impl Shop for DynamoShop {
             Some(AttributeValue::N(v)) => v
                 .parse()
                 .map_err(|_| StoreError::Config(format!("order {order_id}: bad version {v}")))?,
-            _ => return Err(StoreError::Config(format!("order {order_id} has no version"))),
+            _ => {
+                return Err(StoreError::Config(format!(
+                    "order {order_id} has no version"
+                )))
+            }
         };
         let event = cancelled(order_id, version + 1)?;
         let update = built(
@@ -244,8 +272,8 @@ impl Shop for DynamoShop {
         let inbox = self.scan_all(self.inbox.table()).await?;
         let delivered: HashSet<String> = inbox
             .iter()
-            .filter(|i| matches!(i.get("consumer"), Some(AttributeValue::S(c)) if c == CONSUMER))
-            .filter_map(|i| match i.get("event_id") {
+            .filter(|i| matches!(i.get("pk"), Some(AttributeValue::S(c)) if c == CONSUMER))
+            .filter_map(|i| match i.get("sk") {
                 Some(AttributeValue::S(id)) => Some(id.clone()),
                 _ => None,
             })

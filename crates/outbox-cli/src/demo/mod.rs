@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use futures_util::FutureExt;
 use outbox_core::publishers::memory_broker;
-use outbox_core::{ClaimSource, EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats, StoreError};
+use outbox_core::{EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats, StoreError};
 use outbox_testkit::{Chaos, FaultyPublisher};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -22,8 +22,8 @@ use tokio::sync::watch;
 use crate::latency::percentile_ms;
 use crate::progress::Progress;
 use crate::target::{DynamoShape, Store, StoreUrl, TargetUrl};
-use broker::{Deliveries, MemoryDeliveries};
 use crate::{print_json, CliError};
+use broker::{Deliveries, MemoryDeliveries};
 use shop::{NewOrder, Shipped, Shop};
 
 #[derive(Debug, Args)]
@@ -93,17 +93,18 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
                 "the demo on DynamoDB runs the stream shape: use dynamodb://TABLE".into(),
             ));
         }
-        let bus = match &args.to {
-            Some(TargetUrl::Aws(url)) if url.starts_with("eventbridge://") => {
-                url.trim_start_matches("eventbridge://").to_owned()
-            }
-            other => {
-                return Err(CliError::Usage(format!(
+        let bus =
+            match &args.to {
+                Some(TargetUrl::Aws(url)) if url.starts_with("eventbridge://") => {
+                    url.trim_start_matches("eventbridge://").to_owned()
+                }
+                other => {
+                    return Err(CliError::Usage(format!(
                     "the demo on DynamoDB publishes to EventBridge: use --to eventbridge://BUS{}",
                     other.as_ref().map(|t| format!(", not {t}")).unwrap_or_default()
                 )))
-            }
-        };
+                }
+            };
         let shop = dynamodb::DynamoShop::open(table).await?;
         let (publisher, deliveries) = broker::eventbridge_to_sqs(&bus, table, SOURCE).await?;
         let summary = run_with(shop, publisher, deliveries, &args).await?;
@@ -112,7 +113,10 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     if args.to.as_ref().is_some_and(|t| *t != TargetUrl::Memory) {
         return Err(CliError::Usage(format!(
             "the demo on SQLite runs with the in-process broker (memory://), not {}",
-            args.to.as_ref().map(ToString::to_string).unwrap_or_default()
+            args.to
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
         )));
     }
     let (url, _temp) = StoreUrl::or_temporary(args.store.as_ref(), "demo.db")?;
@@ -121,7 +125,13 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     };
     let shop = sqlite::SqliteShop::new(outbox).await?;
     let (broker, subscriber) = memory_broker(SOURCE);
-    let summary = run_with(shop, broker.clone(), MemoryDeliveries::new(broker, subscriber), &args).await?;
+    let summary = run_with(
+        shop,
+        broker.clone(),
+        MemoryDeliveries::new(broker, subscriber),
+        &args,
+    )
+    .await?;
     report(&summary, &args, args.store.as_ref())
 }
 
@@ -187,12 +197,21 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
 ) -> Result<Summary, CliError> {
     let started = Instant::now();
     let in_flight = deliveries.in_flight_probe();
+    // A remote broker (EventBridge) answers in tens of milliseconds, or more
+    // on an emulator: wait longer for it, and leave hung calls to the
+    // in-process broker, where the timeout is short enough to show them.
+    let remote = in_flight.is_none();
+    let publish_timeout = if remote {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_millis(500)
+    };
     let chaos = if args.chaos {
         Chaos {
             transient_rate: 0.05,
             lost_ack_rate: 0.03,
             poison_rate: 0.005,
-            hang_rate: 0.005,
+            hang_rate: if remote { 0.0 } else { 0.005 },
             hang_for: Duration::from_secs(2),
         }
     } else {
@@ -202,8 +221,8 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
     let injected = publisher.injected();
     let config = RelayConfig::default()
         .batch_size(200)
-        .lease(Duration::from_secs(2))
-        .publish_timeout(Duration::from_millis(500))
+        .lease(publish_timeout * 4)
+        .publish_timeout(publish_timeout)
         .idle_poll(Duration::from_millis(100))
         .retry(RetryPolicy {
             initial: Duration::from_millis(20),
@@ -274,8 +293,8 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
         );
         // Everything written is applied or dead-lettered, and nothing is still
         // on its way (where the broker can tell).
-        let settled = consumed.unique.load(Ordering::Relaxed) + stats.dead
-            >= written.load(Ordering::Relaxed);
+        let settled =
+            consumed.unique.load(Ordering::Relaxed) + stats.dead >= written.load(Ordering::Relaxed);
         let drained = in_flight
             .as_ref()
             .is_none_or(|sent| consumed.deliveries.load(Ordering::Relaxed) == sent());
@@ -484,7 +503,11 @@ async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
 ) -> Result<(), CliError> {
     loop {
         // A new relay reads from where the store says the last one got to.
-        let relay = Relay::new(shop.relay_source().await?, publisher.clone(), config.clone())?;
+        let relay = Relay::new(
+            shop.relay_source().await?,
+            publisher.clone(),
+            config.clone(),
+        )?;
         let metrics = relay.metrics();
         let count = |published: &AtomicU64| {
             published.fetch_add(metrics.published.load(Ordering::Relaxed), Ordering::Relaxed)
@@ -498,7 +521,7 @@ async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
                 .await
         });
         let kill = chaos && writing.load(Ordering::Relaxed);
-        let kill_in = Duration::from_millis(fastrand::u64(KILL_EVERY_MS));
+        let kill_in = shop.takeover_delay() + Duration::from_millis(fastrand::u64(KILL_EVERY_MS));
         tokio::select! {
             _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => {
                 let _ = shutdown_tx.send(());

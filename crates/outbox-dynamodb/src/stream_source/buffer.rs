@@ -1,7 +1,7 @@
 //! The in-memory side of the stream source: events read from the stream and
 //! not yet settled, their claims, and per shard which records are settled.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -58,8 +58,8 @@ pub(crate) struct Applied {
 #[derive(Debug, Default)]
 pub(crate) struct Buffer {
     next_id: u64,
-    entries: HashMap<u64, Entry>,
-    aggregates: HashMap<(String, String), VecDeque<u64>>,
+    /// By id, which is stream read order.
+    entries: BTreeMap<u64, Entry>,
     pub(crate) logs: HashMap<String, ShardLog>,
     replays: HashSet<EventId>,
     /// Shards whose settled prefix grew: shard id -> new checkpoint.
@@ -71,8 +71,6 @@ impl Buffer {
     fn push_entry(&mut self, event: Event, origin: Origin) {
         let id = self.next_id;
         self.next_id += 1;
-        let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
-        self.aggregates.entry(key).or_default().push_back(id);
         self.entries.insert(
             id,
             Entry {
@@ -134,40 +132,47 @@ impl Buffer {
         self.entries.values().map(|e| e.event.occurred_at).min()
     }
 
-    /// Hands out, per aggregate, the due and unclaimed prefix of its queue.
-    pub(crate) fn claim(&mut self, limit: usize, lease: Duration) -> Claimed<StreamReceipt> {
-        let lease_id = LeaseId::new();
+    /// The events a claim may take now, in stream order: per aggregate the
+    /// prefix up to its first event that is held or backing off. Taking them
+    /// in stream order keeps the settled prefix, and so the checkpoint,
+    /// close behind what was published.
+    fn claimable(&self, limit: usize) -> Vec<u64> {
         let now = Utc::now();
         let instant = Instant::now();
-        let expires = instant + lease;
-        // Aggregates whose oldest event was read first go first.
-        let mut order: Vec<(u64, &(String, String))> = self
-            .aggregates
-            .iter()
-            .filter_map(|(k, q)| q.front().map(|id| (*id, k)))
-            .collect();
-        order.sort_unstable();
-        let mut events = Vec::new();
-        'aggregates: for (_, key) in order {
-            let Some(queue) = self.aggregates.get(key) else {
+        let mut blocked: HashSet<(&str, &str)> = HashSet::new();
+        let mut ids = Vec::new();
+        for (id, e) in &self.entries {
+            if ids.len() >= limit {
+                break;
+            }
+            let key = (
+                e.event.aggregate_type.as_str(),
+                e.event.aggregate_id.as_str(),
+            );
+            if blocked.contains(&key) {
                 continue;
-            };
-            for id in queue {
-                if events.len() >= limit {
-                    break 'aggregates;
-                }
-                let Some(entry) = self.entries.get_mut(id) else {
-                    continue;
-                };
-                let held = entry.lease.is_some_and(|(_, until)| until > instant);
-                if held || entry.due > now {
-                    break;
-                }
+            }
+            let held = e.lease.is_some_and(|(_, until)| until > instant);
+            if held || e.due > now {
+                blocked.insert(key);
+                continue;
+            }
+            ids.push(*id);
+        }
+        ids
+    }
+
+    pub(crate) fn claim(&mut self, limit: usize, lease: Duration) -> Claimed<StreamReceipt> {
+        let lease_id = LeaseId::new();
+        let expires = Instant::now() + lease;
+        let mut events = Vec::new();
+        for id in self.claimable(limit) {
+            if let Some(entry) = self.entries.get_mut(&id) {
                 entry.lease = Some((lease_id, expires));
                 events.push(ClaimedEvent {
                     event: entry.event.clone(),
                     attempts: entry.attempts,
-                    receipt: StreamReceipt(*id),
+                    receipt: StreamReceipt(id),
                 });
             }
         }
@@ -179,15 +184,7 @@ impl Buffer {
 
     /// Whether a claim now would hand out anything.
     pub(crate) fn has_due(&self) -> bool {
-        let now = Utc::now();
-        let instant = Instant::now();
-        self.aggregates.values().any(|q| {
-            q.front()
-                .and_then(|id| self.entries.get(id))
-                .is_some_and(|e| {
-                    e.due <= now && !e.lease.is_some_and(|(_, until)| until > instant)
-                })
-        })
+        !self.claimable(1).is_empty()
     }
 
     fn held_by(&self, receipt: StreamReceipt, lease: LeaseId) -> Option<&Entry> {
@@ -218,16 +215,6 @@ impl Buffer {
         let Some(entry) = self.entries.remove(&receipt.0) else {
             return false;
         };
-        let key = (
-            entry.event.aggregate_type.clone(),
-            entry.event.aggregate_id.clone(),
-        );
-        if let Some(queue) = self.aggregates.get_mut(&key) {
-            queue.retain(|id| *id != receipt.0);
-            if queue.is_empty() {
-                self.aggregates.remove(&key);
-            }
-        }
         match entry.origin {
             Origin::Replay => {
                 self.replays.remove(&entry.event.id);
@@ -265,7 +252,12 @@ impl Buffer {
         }
     }
 
-    pub(crate) fn published(&mut self, lease: LeaseId, receipts: &[StreamReceipt], applied: &mut Applied) {
+    pub(crate) fn published(
+        &mut self,
+        lease: LeaseId,
+        receipts: &[StreamReceipt],
+        applied: &mut Applied,
+    ) {
         for r in receipts {
             if self.remove(*r, lease, applied) {
                 self.published += 1;
@@ -273,7 +265,12 @@ impl Buffer {
         }
     }
 
-    pub(crate) fn dead(&mut self, lease: LeaseId, receipts: &[StreamReceipt], applied: &mut Applied) {
+    pub(crate) fn dead(
+        &mut self,
+        lease: LeaseId,
+        receipts: &[StreamReceipt],
+        applied: &mut Applied,
+    ) {
         for r in receipts {
             self.remove(*r, lease, applied);
         }
@@ -297,7 +294,12 @@ impl Buffer {
         }
     }
 
-    pub(crate) fn release(&mut self, lease: LeaseId, receipts: &[StreamReceipt], applied: &mut Applied) {
+    pub(crate) fn release(
+        &mut self,
+        lease: LeaseId,
+        receipts: &[StreamReceipt],
+        applied: &mut Applied,
+    ) {
         for r in receipts {
             if self.held_by(*r, lease).is_some() {
                 if let Some(e) = self.entries.get_mut(&r.0) {
@@ -345,11 +347,19 @@ mod tests {
         let first = b.claim(1, Duration::from_secs(5));
         assert_eq!(first.events.len(), 1);
         let second = b.claim(10, Duration::from_secs(5));
-        let got: Vec<_> = second.events.iter().map(|c| c.event.aggregate_id.clone()).collect();
+        let got: Vec<_> = second
+            .events
+            .iter()
+            .map(|c| c.event.aggregate_id.clone())
+            .collect();
         assert_eq!(got, vec!["b"]);
         let mut applied = Applied::default();
         let later = Utc::now() + chrono::Duration::seconds(60);
-        b.retry(first.lease, &[(first.events[0].receipt, later, "x".into())], &mut applied);
+        b.retry(
+            first.lease,
+            &[(first.events[0].receipt, later, "x".into())],
+            &mut applied,
+        );
         assert!(b.claim(10, Duration::from_secs(5)).events.is_empty());
         // A stale lease changes nothing.
         b.release(LeaseId::new(), &[first.events[0].receipt], &mut applied);

@@ -4,7 +4,8 @@ use aws_sdk_dynamodbstreams::types::{AttributeValue, Record};
 use serde_json::{json, Map, Value};
 
 fn attribute(v: &AttributeValue) -> Value {
-    let b64 = |b: &aws_smithy_types::Blob| Value::String(aws_smithy_types::base64::encode(b.as_ref()));
+    let b64 =
+        |b: &aws_smithy_types::Blob| Value::String(aws_smithy_types::base64::encode(b.as_ref()));
     match v {
         AttributeValue::S(s) => json!({ "S": s }),
         AttributeValue::N(n) => json!({ "N": n }),

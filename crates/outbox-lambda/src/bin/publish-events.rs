@@ -1,0 +1,49 @@
+//! `PublishEvents`: relays outbox events from a DynamoDB stream to
+//! EventBridge, SQS or SNS, answering with a partial batch response.
+//!
+//! Configured by environment (see the crate README): `OUTBOX_TARGET`,
+//! `OUTBOX_SOURCE`, `OUTBOX_DEAD_LETTER_TABLE`, `OUTBOX_ENTRY_RETRIES`,
+//! `OUTBOX_MAX_ENTRY_BYTES`.
+
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use outbox_dynamodb::LambdaStreamEvent;
+use outbox_lambda::{publish_events_handler, StreamBatchResponse, StreamRelaySettings};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        // CloudWatch stamps and colours nothing itself.
+        .with_ansi(false)
+        .without_time()
+        .init();
+
+    // Built once per execution environment, before the first event.
+    let settings = StreamRelaySettings::from_env()?;
+    let config = outbox_aws::load_config().await;
+    let handler = publish_events_handler(&config, &settings).await?;
+    tracing::info!(target = %settings.target, "PublishEvents ready");
+
+    lambda_runtime::run(service_fn(|event: LambdaEvent<LambdaStreamEvent>| {
+        let handler = &handler;
+        async move {
+            let report = handler.process(&event.payload).await;
+            tracing::info!(
+                records = report.records,
+                published = report.published,
+                ignored = report.ignored,
+                malformed = report.malformed,
+                dead_lettered = report.dead_lettered,
+                retries = report.retries,
+                unfinished = report.unfinished,
+                retry_from = report.response.retry_sequence_number(),
+                "stream batch handled"
+            );
+            Ok::<StreamBatchResponse, Error>(report.response)
+        }
+    }))
+    .await
+}

@@ -1,0 +1,55 @@
+//! The scheduled relay: an EventBridge schedule invokes it; it publishes what
+//! is due in a polling-shape outbox table until nothing is left or the
+//! invocation's time is nearly up, and answers with a summary.
+//!
+//! Configured by environment (see the crate README): `OUTBOX_TABLE`,
+//! `OUTBOX_TARGET`, `OUTBOX_SOURCE`, `OUTBOX_MARGIN_MS`.
+
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use outbox_core::{Relay, RelayConfig};
+use outbox_dynamodb::{DynamoOutbox, PollingOutbox, Shape};
+use outbox_lambda::scheduled::{budget_until, report_json, run_scheduled, ScheduledRelaySettings};
+use outbox_lambda::AwsPublisher;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .without_time()
+        .init();
+
+    // Built once per execution environment, before the first event.
+    let settings = ScheduledRelaySettings::from_env()?;
+    let config = outbox_aws::load_config().await;
+    let publisher = AwsPublisher::for_target(&config, &settings.target, &settings.source).await?;
+    let outbox = DynamoOutbox::new(aws_sdk_dynamodb::Client::new(&config), &settings.table)
+        .shape(Shape::Polling);
+    let relay = Relay::new(
+        PollingOutbox::new(outbox)?,
+        publisher,
+        RelayConfig::default(),
+    )?;
+    tracing::info!(table = %settings.table, target = %settings.target, "scheduled relay ready");
+
+    lambda_runtime::run(service_fn(|event: LambdaEvent<serde_json::Value>| {
+        let (relay, margin) = (&relay, settings.margin);
+        async move {
+            let budget = budget_until(event.context.deadline);
+            let report = run_scheduled(relay, budget, margin).await?;
+            tracing::info!(
+                claimed = report.claimed,
+                published = report.published,
+                retried = report.retried,
+                dead_lettered = report.dead_lettered,
+                released = report.released,
+                "scheduled relay run"
+            );
+            Ok::<serde_json::Value, Error>(report_json(&report))
+        }
+    }))
+    .await
+}

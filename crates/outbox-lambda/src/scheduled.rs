@@ -1,0 +1,155 @@
+//! The scheduled relay on Lambda: an EventBridge schedule invokes it every
+//! minute or so; it publishes what is due over the polling-shape outbox,
+//! within the invocation's time budget, and returns.
+
+use std::time::Duration;
+
+use outbox_core::{BatchReport, ClaimSource, Publisher, Relay, StoreError};
+
+use crate::config::{ConfigError, Target, DEFAULT_SOURCE, DEFAULT_TARGET, SOURCE_VAR, TARGET_VAR};
+
+/// The polling-shape outbox table the relay drains; required.
+pub const TABLE_VAR: &str = "OUTBOX_TABLE";
+/// Milliseconds kept free before Lambda's timeout.
+pub const MARGIN_MS_VAR: &str = "OUTBOX_MARGIN_MS";
+/// Room for one more batch to claim, publish and settle, and for the
+/// response: a batch is not started with less than this left.
+pub const DEFAULT_MARGIN: Duration = Duration::from_secs(5);
+
+/// Runs batches until nothing is due or `budget` is spent, whichever comes
+/// first. No batch starts with less than `margin` of the budget left, so the
+/// invocation ends before Lambda's timeout with its claims settled; what is
+/// left stays pending for the next invocation.
+pub async fn run_scheduled<S: ClaimSource, P: Publisher>(
+    relay: &Relay<S, P>,
+    budget: Duration,
+    margin: Duration,
+) -> Result<BatchReport, StoreError> {
+    let deadline = tokio::time::Instant::now() + budget.saturating_sub(margin);
+    let mut total = BatchReport::default();
+    while tokio::time::Instant::now() < deadline {
+        let report = relay.run_once().await?;
+        total.claimed += report.claimed;
+        total.published += report.published;
+        total.retried += report.retried;
+        total.dead_lettered += report.dead_lettered;
+        total.released += report.released;
+        if report.claimed == 0 {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// The time left before `deadline_ms` (ms since the epoch, as in the Lambda
+/// context), zero once past.
+pub fn budget_until(deadline_ms: u64) -> Duration {
+    let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+    Duration::from_millis(deadline_ms.saturating_sub(now))
+}
+
+/// What the scheduled relay reads from its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledRelaySettings {
+    pub table: String,
+    pub target: Target,
+    pub source: String,
+    pub margin: Duration,
+}
+
+impl ScheduledRelaySettings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `var`; empty values count as unset.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let table = get(TABLE_VAR).ok_or(ConfigError::Missing {
+            var: TABLE_VAR,
+            hint: "name the DynamoDB outbox table (polling shape) to relay from",
+        })?;
+        let target = get(TARGET_VAR)
+            .as_deref()
+            .unwrap_or(DEFAULT_TARGET)
+            .parse()?;
+        let source = get(SOURCE_VAR).unwrap_or_else(|| DEFAULT_SOURCE.to_owned());
+        let margin = match get(MARGIN_MS_VAR) {
+            None => DEFAULT_MARGIN,
+            Some(value) => match value.trim().parse::<u64>() {
+                Ok(ms) => Duration::from_millis(ms),
+                Err(_) => {
+                    return Err(ConfigError::Invalid {
+                        var: MARGIN_MS_VAR,
+                        reason: "expected a whole number of milliseconds".to_owned(),
+                        value,
+                    })
+                }
+            },
+        };
+        Ok(Self {
+            table: table.trim().to_owned(),
+            target,
+            source,
+            margin,
+        })
+    }
+}
+
+/// The JSON an invocation answers with.
+pub fn report_json(report: &BatchReport) -> serde_json::Value {
+    serde_json::json!({
+        "claimed": report.claimed,
+        "published": report.published,
+        "retried": report.retried,
+        "deadLettered": report.dead_lettered,
+        "released": report.released,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<ScheduledRelaySettings, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ScheduledRelaySettings::from_vars(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn reads_settings() {
+        let err = settings(&[]).unwrap_err();
+        assert!(err.to_string().contains(TABLE_VAR), "{err}");
+        let s = settings(&[(TABLE_VAR, "outbox")]).unwrap();
+        assert_eq!(
+            (s.table.as_str(), s.source.as_str(), s.margin),
+            ("outbox", DEFAULT_SOURCE, DEFAULT_MARGIN)
+        );
+        let s = settings(&[
+            (TABLE_VAR, "outbox"),
+            (TARGET_VAR, "sqs://orders"),
+            (MARGIN_MS_VAR, "1500"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.target,
+            Target::Sqs {
+                queue: "orders".into()
+            }
+        );
+        assert_eq!(s.margin, Duration::from_millis(1500));
+        assert!(settings(&[(TABLE_VAR, "outbox"), (MARGIN_MS_VAR, "soon")]).is_err());
+    }
+
+    #[test]
+    fn budget_is_zero_past_the_deadline() {
+        assert_eq!(budget_until(0), Duration::ZERO);
+        let in_a_minute = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap() + 60_000;
+        assert!(budget_until(in_a_minute) > Duration::from_secs(55));
+    }
+}
