@@ -40,8 +40,7 @@ impl AwsPublisher {
     ) -> Result<Self, ConfigError> {
         Ok(match target {
             Target::EventBridge { bus } => AwsPublisher::EventBridge(
-                EventBridgePublisher::new(aws_sdk_eventbridge::Client::new(config), bus)
-                    .source(source),
+                EventBridgePublisher::new(eventbridge_client(config), bus).source(source),
             ),
             Target::Sqs { queue } => {
                 let client = aws_sdk_sqs::Client::new(config);
@@ -67,6 +66,20 @@ impl AwsPublisher {
             AwsPublisher::Sns(p) => AwsPublisher::Sns(p.max_entry_bytes(max)),
         }
     }
+}
+
+/// The EventBridge client of the stream handler, trimmed of per-call work it
+/// does not need: the handler retries failed entries itself, with backoff and
+/// in order, so SDK retries would only repeat whole calls behind its back; and
+/// a `PutEvents` response is a few hundred bytes, read at once, so there is no
+/// stalled download to watch for.
+pub fn eventbridge_client(config: &aws_config::SdkConfig) -> aws_sdk_eventbridge::Client {
+    use aws_sdk_eventbridge::config::{retry::RetryConfig, StalledStreamProtectionConfig};
+    let conf = aws_sdk_eventbridge::config::Builder::from(config)
+        .retry_config(RetryConfig::disabled())
+        .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+        .build();
+    aws_sdk_eventbridge::Client::from_conf(conf)
 }
 
 async fn queue_url(client: &aws_sdk_sqs::Client, name: &str) -> Result<String, ConfigError> {

@@ -240,16 +240,14 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
         stop_rx.clone(),
     ));
     let writing = Arc::new(AtomicBool::new(true));
-    let restarts = Arc::new(AtomicU64::new(0));
-    let published = Arc::new(AtomicU64::new(0));
+    let relay_totals = Arc::new(RelayTotals::default());
     let relays = tokio::spawn(supervise(
         shop.clone(),
         publisher,
-        published.clone(),
         config,
         args.chaos,
         writing.clone(),
-        restarts.clone(),
+        relay_totals.clone(),
         stop_rx,
     ));
     let written = Arc::new(AtomicU64::new(0));
@@ -288,7 +286,7 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
                 consumed.unique.load(Ordering::Relaxed),
                 stats.dead,
                 stats.pending,
-                restarts.load(Ordering::Relaxed)
+                relay_totals.restarts.load(Ordering::Relaxed)
             ),
         );
         // Everything written is applied or dead-lettered, and nothing is still
@@ -350,13 +348,13 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
         events_written: audit.events_written,
         events_published: audit
             .published
-            .unwrap_or_else(|| published.load(Ordering::Relaxed)),
+            .unwrap_or_else(|| relay_totals.published.load(Ordering::Relaxed)),
         delivered_unique: audit.delivered_unique,
         duplicates_absorbed: consumed.duplicates.load(Ordering::Relaxed),
         dead_lettered: audit.dead,
         lost: audit.lost,
         out_of_order: consumed.out_of_order.load(Ordering::Relaxed),
-        relay_restarts: restarts.load(Ordering::Relaxed),
+        relay_restarts: relay_totals.restarts.load(Ordering::Relaxed),
         publish_failures_injected: injected.total(),
         p50_ms: percentile_ms(&latencies, 50.0),
         p99_ms: percentile_ms(&latencies, 99.0),
@@ -489,16 +487,23 @@ async fn consume<S: Shop, D: Deliveries>(
     first_delivery
 }
 
+/// What the relays of one run did, summed over restarts.
+#[derive(Debug, Default)]
+struct RelayTotals {
+    restarts: AtomicU64,
+    /// Events the relays marked published.
+    published: AtomicU64,
+}
+
 /// Runs the relay; with chaos, kills it at random moments (mid-batch, holding
 /// claims) while orders are written, and starts a new one.
 async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
     shop: S,
     publisher: P,
-    published: Arc<AtomicU64>,
     config: RelayConfig,
     chaos: bool,
     writing: Arc<AtomicBool>,
-    restarts: Arc<AtomicU64>,
+    totals: Arc<RelayTotals>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), CliError> {
     loop {
@@ -509,8 +514,10 @@ async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
             config.clone(),
         )?;
         let metrics = relay.metrics();
-        let count = |published: &AtomicU64| {
-            published.fetch_add(metrics.published.load(Ordering::Relaxed), Ordering::Relaxed)
+        let count = || {
+            totals
+                .published
+                .fetch_add(metrics.published.load(Ordering::Relaxed), Ordering::Relaxed)
         };
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let mut handle = tokio::spawn(async move {
@@ -526,7 +533,7 @@ async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
             _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => {
                 let _ = shutdown_tx.send(());
                 let result = handle.await;
-                count(&published);
+                count();
                 return match result {
                     Ok(result) => result.map(drop).map_err(CliError::from),
                     Err(e) => Err(CliError::Check(format!("relay task failed: {e}"))),
@@ -535,11 +542,11 @@ async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
             () = tokio::time::sleep(kill_in), if kill => {
                 handle.abort();
                 let _ = handle.await;
-                count(&published);
-                restarts.fetch_add(1, Ordering::Relaxed);
+                count();
+                totals.restarts.fetch_add(1, Ordering::Relaxed);
             }
             result = &mut handle => {
-                count(&published);
+                count();
                 return match result {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(e.into()),
