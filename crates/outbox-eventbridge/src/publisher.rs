@@ -157,8 +157,10 @@ impl Publisher for EventBridgePublisher {
 
     async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
         let mut results = Results::new(request.events.len());
-        // (index in the request, entry, size) of the entries worth sending.
-        let mut accepted = Vec::with_capacity(request.events.len());
+        // Index in the request, entry and size of the entries worth sending.
+        let mut indices = Vec::with_capacity(request.events.len());
+        let mut entries = Vec::with_capacity(request.events.len());
+        let mut sizes = Vec::with_capacity(request.events.len());
         for (i, event) in request.events.iter().enumerate() {
             let entry = self.entry(event);
             let size = entry_size(&entry);
@@ -169,13 +171,17 @@ impl Publisher for EventBridgePublisher {
                     Err(batch::oversize(event, size, self.max_entry_bytes, limit)),
                 );
             } else {
-                accepted.push((i, entry, size));
+                indices.push(i);
+                entries.push(entry);
+                sizes.push(size);
             }
         }
-        let sizes: Vec<usize> = accepted.iter().map(|(_, _, size)| *size).collect();
+        // Calls are consecutive ranges in order: each takes its entries off
+        // the front, so no entry is copied.
+        let mut unsent = entries.into_iter();
         for call in batch::split_calls(&sizes, MAX_ENTRIES_PER_CALL, MAX_REQUEST_BYTES) {
-            let chunk = &accepted[call];
-            let entries: Vec<_> = chunk.iter().map(|(_, entry, _)| entry.clone()).collect();
+            let chunk = &indices[call.clone()];
+            let entries: Vec<_> = unsent.by_ref().take(call.len()).collect();
             let sent = self
                 .client
                 .put_events()
@@ -190,14 +196,14 @@ impl Publisher for EventBridgePublisher {
                             "PutEvents refused some entries"
                         );
                     }
-                    for ((i, _, _), r) in chunk.iter().zip(read_response(&output, chunk.len())) {
+                    for (i, r) in chunk.iter().zip(read_response(&output, chunk.len())) {
                         results.set(*i, r);
                     }
                 }
                 Err(err) => {
                     let error = outbox_aws::publish_error(OPERATION, &err);
                     tracing::warn!(%error, bus = %self.bus_name, "PutEvents failed");
-                    for (i, _, _) in chunk {
+                    for i in chunk {
                         results.set(*i, Err(error.clone()));
                     }
                 }

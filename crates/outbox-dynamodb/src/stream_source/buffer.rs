@@ -141,9 +141,20 @@ impl Buffer {
         let instant = Instant::now();
         let mut blocked: HashSet<(&str, &str)> = HashSet::new();
         let mut ids = Vec::new();
+        // The record of the last event taken: a batch ends on a record's
+        // boundary, since a checkpoint moves by whole records and a record
+        // split across batches would be published again after a crash.
+        let mut last_record: Option<&Origin> = None;
         for (id, e) in &self.entries {
             if ids.len() >= limit {
-                break;
+                let same_record = matches!(
+                    (last_record, &e.origin),
+                    (Some(Origin::Stream { shard: a, record: r }), Origin::Stream { shard: b, record: q })
+                        if a == b && r == q
+                );
+                if !same_record {
+                    break;
+                }
             }
             let key = (
                 e.event.aggregate_type.as_str(),
@@ -158,6 +169,7 @@ impl Buffer {
                 continue;
             }
             ids.push(*id);
+            last_record = Some(&e.origin);
         }
         ids
     }
