@@ -94,8 +94,11 @@ pub struct SqsDeliveries {
     receiver: SqsReceiver,
 }
 
-/// Longest long-poll of one receive: short, so a stop is noticed quickly.
-const RECEIVE_WAIT: Duration = Duration::from_secs(1);
+/// Pause after an empty receive. Short polls rather than long polls:
+/// moto, the local emulator, answers a waiting receive slowly enough to hold
+/// up the PutEvents calls it serves meanwhile (7.3 s instead of 12.4 s for
+/// 200 orders, side by side).
+const EMPTY_PAUSE: Duration = Duration::from_millis(100);
 /// SQS hands out at most 10 messages a receive.
 const SQS_MAX_MESSAGES: usize = 10;
 
@@ -104,14 +107,11 @@ impl Deliveries for SqsDeliveries {
         let mut batch = Vec::new();
         while batch.len() < max {
             let want = (max - batch.len()).min(SQS_MAX_MESSAGES) as i32;
-            // Wait only for the first message; then take what is already there.
-            let wait = if batch.is_empty() {
-                RECEIVE_WAIT
-            } else {
-                Duration::ZERO
-            };
-            let got = self.receiver.receive(want, wait).await?;
+            let got = self.receiver.receive(want, Duration::ZERO).await?;
             if got.is_empty() {
+                if batch.is_empty() {
+                    tokio::time::sleep(EMPTY_PAUSE).await;
+                }
                 break;
             }
             batch.extend(got.into_iter().map(|d| Delivery {

@@ -168,8 +168,11 @@ impl Shop for DynamoShop {
         self.source.clone()
     }
 
-    fn takeover_delay(&self) -> std::time::Duration {
-        RELAY_LEASE
+    /// A relay started after a crash first waits out the dead one's lease
+    /// on the stream; each then works a second or two before it is killed.
+    fn relay_lifetime_ms(&self) -> std::ops::Range<u64> {
+        let lease = RELAY_LEASE.as_millis() as u64;
+        lease + 1000..lease + 3000
     }
 
     async fn relay_source(&self) -> Result<StreamSource, StoreError> {

@@ -52,9 +52,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0.1)]
     cancel_rate: f64,
     /// Orders placed a second (0: as fast as the database takes them, which
-    /// measures queueing more than delivery).
-    #[arg(long, default_value_t = 500)]
-    rate: u64,
+    /// measures queueing more than delivery). Default 500; 20 on DynamoDB,
+    /// where the local emulators carry only a few dozen events a second.
+    #[arg(long)]
+    rate: Option<u64>,
 }
 
 /// The demo's result; the JSON form is the contract of `--json`.
@@ -76,10 +77,13 @@ struct Summary {
 }
 
 const SOURCE: &str = "urn:outbox:demo:order-service";
+/// Orders a second by default.
+const DEFAULT_RATE: u64 = 500;
+/// On DynamoDB: what the local emulators carry (moto's PutEvents into SQS
+/// slows as its queue grows: 50 orders a second already backs up on two cores).
+const DYNAMODB_DEFAULT_RATE: u64 = 20;
 /// Most deliveries the Shipping service applies in one transaction.
 const CONSUMER_BATCH: usize = 100;
-/// Restarts happen at random within this range while orders are written.
-const KILL_EVERY_MS: std::ops::Range<u64> = 150..600;
 
 pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     if !(0.0..=1.0).contains(&args.cancel_rate) {
@@ -197,6 +201,11 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
 ) -> Result<Summary, CliError> {
     let started = Instant::now();
     let in_flight = deliveries.in_flight_probe();
+    let rate = args.rate.unwrap_or(if in_flight.is_none() {
+        DYNAMODB_DEFAULT_RATE
+    } else {
+        DEFAULT_RATE
+    });
     // A remote broker (EventBridge) answers in tens of milliseconds, or more
     // on an emulator: wait longer for it, and leave hung calls to the
     // in-process broker, where the timeout is short enough to show them.
@@ -219,8 +228,10 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
     };
     let publisher = FaultyPublisher::new(broker.clone()).with_chaos(chaos);
     let injected = publisher.injected();
+    // Smaller batches on a remote broker: a killed relay's batch is what a
+    // stream relay publishes again.
     let config = RelayConfig::default()
-        .batch_size(200)
+        .batch_size(if remote { 50 } else { 200 })
         .lease(publish_timeout * 4)
         .publish_timeout(publish_timeout)
         .idle_poll(Duration::from_millis(100))
@@ -255,7 +266,7 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
     let writer = tokio::spawn(write_orders(
         shop.clone(),
         args.orders,
-        args.rate,
+        rate,
         args.cancel_rate,
         written.clone(),
         orders_placed.clone(),
@@ -528,7 +539,7 @@ async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
                 .await
         });
         let kill = chaos && writing.load(Ordering::Relaxed);
-        let kill_in = shop.takeover_delay() + Duration::from_millis(fastrand::u64(KILL_EVERY_MS));
+        let kill_in = Duration::from_millis(fastrand::u64(shop.relay_lifetime_ms()));
         tokio::select! {
             _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => {
                 let _ = shutdown_tx.send(());

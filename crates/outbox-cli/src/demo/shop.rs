@@ -98,10 +98,9 @@ pub trait Shop: Send + Sync + Clone + 'static {
     /// relay, or a fresh stream reader resuming from its checkpoints.
     fn relay_source(&self) -> impl Future<Output = Result<Self::Outbox, StoreError>> + Send;
 
-    /// How long a relay started after a crash waits before it can work (the
-    /// crashed relay's lease on a stream); restarts are spaced beyond it.
-    fn takeover_delay(&self) -> std::time::Duration {
-        std::time::Duration::ZERO
+    /// With chaos, how long each relay runs before it is killed, in ms.
+    fn relay_lifetime_ms(&self) -> std::ops::Range<u64> {
+        150..600
     }
 
     /// The Order service: the order row and its events, one transaction.
