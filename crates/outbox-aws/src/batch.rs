@@ -94,6 +94,50 @@ impl Results {
     }
 }
 
+/// An entry worth sending, with what it was built from.
+#[derive(Debug)]
+pub struct Accepted<'e, E> {
+    /// The event's position in the request (and in [`Results`]).
+    pub index: usize,
+    pub event: &'e Event,
+    pub entry: E,
+    pub size: usize,
+}
+
+/// Builds each event's entry with `build` and measures it with `size`; an
+/// entry that cannot be built, or is above `max` bytes (`limit` names the
+/// limit in the error), gets its permanent failure in `results` at once and
+/// is not sent. Returns the rest, in request order.
+pub fn accept<'e, E>(
+    events: &'e [Event],
+    results: &mut Results,
+    max: usize,
+    limit: &str,
+    mut build: impl FnMut(usize, &Event) -> Result<E, PublishError>,
+    size: impl Fn(&E) -> usize,
+) -> Vec<Accepted<'e, E>> {
+    let mut accepted = Vec::with_capacity(events.len());
+    for (index, event) in events.iter().enumerate() {
+        match build(index, event) {
+            Ok(entry) => {
+                let size = size(&entry);
+                if size > max {
+                    results.set(index, Err(oversize(event, size, max, limit)));
+                } else {
+                    accepted.push(Accepted {
+                        index,
+                        event,
+                        entry,
+                        size,
+                    });
+                }
+            }
+            Err(e) => results.set(index, Err(e)),
+        }
+    }
+    accepted
+}
+
 /// Longest `MessageGroupId` SQS and SNS FIFO accept.
 pub const MAX_GROUP_ID_CHARS: usize = 128;
 

@@ -4,30 +4,13 @@
 //! standalone relay publishing a DynamoDB outbox to SQS.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use outbox_aws::testing::{require_local_endpoints, unique_name};
 use outbox_core::Event;
-use serde_json::Value;
 
-fn outbox(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(args)
-        .output()
-        .expect("run outbox")
-}
-
-fn last_json_line(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "last line is not JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
+mod common;
+use common::{last_json_line, outbox};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

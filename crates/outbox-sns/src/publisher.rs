@@ -169,36 +169,25 @@ impl Publisher for SnsPublisher {
 
     async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
         let mut results = Results::new(request.events.len());
-        // (event, entry, size) of the entries worth sending.
-        let mut accepted = Vec::with_capacity(request.events.len());
-        for (i, event) in request.events.iter().enumerate() {
-            match self.entry(i, event) {
-                Ok(entry) => {
-                    let size = message_size(&entry);
-                    if size > self.max_entry_bytes {
-                        let limit = "SNS message limit";
-                        results.set(
-                            i,
-                            Err(batch::oversize(event, size, self.max_entry_bytes, limit)),
-                        );
-                    } else {
-                        accepted.push((event, entry, size));
-                    }
-                }
-                Err(e) => results.set(i, Err(e)),
-            }
-        }
-        let sizes: Vec<usize> = accepted.iter().map(|(_, _, size)| *size).collect();
+        let accepted = batch::accept(
+            request.events,
+            &mut results,
+            self.max_entry_bytes,
+            "SNS message limit",
+            |i, event| self.entry(i, event),
+            message_size,
+        );
+        let sizes: Vec<usize> = accepted.iter().map(|a| a.size).collect();
         for call in batch::split_calls(&sizes, MAX_ENTRIES_PER_CALL, MAX_REQUEST_BYTES) {
             let chunk = &accepted[call];
-            let entries: Vec<_> = chunk.iter().map(|(_, entry, _)| entry.clone()).collect();
+            let entries: Vec<_> = chunk.iter().map(|a| a.entry.clone()).collect();
             let mut send = self
                 .client
                 .publish_batch()
                 .topic_arn(&self.topic_arn)
                 .set_publish_batch_request_entries(Some(entries))
                 .customize();
-            if let Some(header) = call_trace_header(chunk.iter().map(|(event, _, _)| *event)) {
+            if let Some(header) = call_trace_header(chunk.iter().map(|a| a.event)) {
                 send = send.mutate_request(move |req| {
                     req.headers_mut().insert(TRACE_HEADER, header.clone());
                 });
@@ -208,10 +197,8 @@ impl Publisher for SnsPublisher {
                 Err(err) => {
                     let error = outbox_aws::publish_error(OPERATION, &err);
                     tracing::warn!(%error, topic = %self.topic_arn, "PublishBatch failed");
-                    for (_, entry, _) in chunk {
-                        if let Ok(i) = entry.id().parse::<usize>() {
-                            results.set(i, Err(error.clone()));
-                        }
+                    for a in chunk {
+                        results.set(a.index, Err(error.clone()));
                     }
                 }
             }

@@ -170,28 +170,18 @@ impl Publisher for SqsPublisher {
 
     async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
         let mut results = Results::new(request.events.len());
-        let mut accepted = Vec::with_capacity(request.events.len());
-        for (i, event) in request.events.iter().enumerate() {
-            match self.entry(i, event) {
-                Ok(entry) => {
-                    let size = message_size(&entry);
-                    if size > self.max_entry_bytes {
-                        let limit = "SQS message limit";
-                        results.set(
-                            i,
-                            Err(batch::oversize(event, size, self.max_entry_bytes, limit)),
-                        );
-                    } else {
-                        accepted.push((entry, size));
-                    }
-                }
-                Err(e) => results.set(i, Err(e)),
-            }
-        }
-        let sizes: Vec<usize> = accepted.iter().map(|(_, size)| *size).collect();
+        let accepted = batch::accept(
+            request.events,
+            &mut results,
+            self.max_entry_bytes,
+            "SQS message limit",
+            |i, event| self.entry(i, event),
+            message_size,
+        );
+        let sizes: Vec<usize> = accepted.iter().map(|a| a.size).collect();
         for call in batch::split_calls(&sizes, MAX_ENTRIES_PER_CALL, MAX_REQUEST_BYTES) {
             let chunk = &accepted[call];
-            let entries: Vec<_> = chunk.iter().map(|(entry, _)| entry.clone()).collect();
+            let entries: Vec<_> = chunk.iter().map(|a| a.entry.clone()).collect();
             let sent = self
                 .client
                 .send_message_batch()
@@ -204,10 +194,8 @@ impl Publisher for SqsPublisher {
                 Err(err) => {
                     let error = outbox_aws::publish_error(OPERATION, &err);
                     tracing::warn!(%error, queue = %self.queue_url, "SendMessageBatch failed");
-                    for (entry, _) in chunk {
-                        if let Ok(i) = entry.id().parse::<usize>() {
-                            results.set(i, Err(error.clone()));
-                        }
+                    for a in chunk {
+                        results.set(a.index, Err(error.clone()));
                     }
                 }
             }
