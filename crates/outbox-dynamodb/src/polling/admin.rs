@@ -33,14 +33,8 @@ impl PollingOutbox {
         let mut start = None;
         loop {
             let page = self
-                .client()
-                .query()
-                .table_name(self.table())
-                .index_name(index)
+                .index_query(index, key, value)
                 .select(Select::Count)
-                .key_condition_expression("#k = :k")
-                .expression_attribute_names("#k", key)
-                .expression_attribute_values(":k", s(value))
                 .set_exclusive_start_key(start)
                 .send()
                 .await
@@ -58,13 +52,7 @@ impl PollingOutbox {
         let mut start = None;
         loop {
             let page = self
-                .client()
-                .query()
-                .table_name(self.table())
-                .index_name(DEAD_INDEX)
-                .key_condition_expression("#k = :k")
-                .expression_attribute_names("#k", DEAD_KEY)
-                .expression_attribute_values(":k", s(DEAD))
+                .index_query(DEAD_INDEX, DEAD_KEY, DEAD)
                 .set_exclusive_start_key(start)
                 .send()
                 .await
@@ -144,13 +132,7 @@ impl Stats for PollingOutbox {
             .await?;
         let dead = self.count(DEAD_INDEX, DEAD_KEY, DEAD).await?;
         let oldest = self
-            .client()
-            .query()
-            .table_name(self.table())
-            .index_name(PENDING_INDEX)
-            .key_condition_expression("#k = :k")
-            .expression_attribute_names("#k", PENDING_KEY)
-            .expression_attribute_values(":k", s(PENDING))
+            .index_query(PENDING_INDEX, PENDING_KEY, PENDING)
             .limit(1)
             .send()
             .await

@@ -67,6 +67,23 @@ fn millis(d: Duration) -> i64 {
 }
 
 impl PollingOutbox {
+    /// A query on one partition of a sparse index: the items whose `key`
+    /// attribute holds `value` (pending, dead or published ones).
+    pub(super) fn index_query(
+        &self,
+        index: &str,
+        key: &str,
+        value: &str,
+    ) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder {
+        self.client()
+            .query()
+            .table_name(self.table())
+            .index_name(index)
+            .key_condition_expression("#k = :k")
+            .expression_attribute_names("#k", key)
+            .expression_attribute_values(":k", s(value))
+    }
+
     /// The relay's view of a polling-shape outbox; refused for the stream shape,
     /// whose relay reads the table's stream instead.
     pub fn new(outbox: DynamoOutbox) -> Result<Self, StoreError> {
@@ -311,13 +328,7 @@ impl ClaimSource for PollingOutbox {
             // The sparse index says which aggregates have pending work, oldest
             // first; it may lag, the per-aggregate read does not.
             let page = self
-                .client()
-                .query()
-                .table_name(self.table())
-                .index_name(PENDING_INDEX)
-                .key_condition_expression("#k = :k")
-                .expression_attribute_names("#k", PENDING_KEY)
-                .expression_attribute_values(":k", s(PENDING))
+                .index_query(PENDING_INDEX, PENDING_KEY, PENDING)
                 .set_exclusive_start_key(start)
                 .send()
                 .await
