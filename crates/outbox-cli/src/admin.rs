@@ -32,6 +32,18 @@ pub enum DeadLetterCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Give up on dead letters for good, so an aggregate parked behind one
+    /// flows again (stores opened with `?dead_letters=park`).
+    Skip {
+        #[arg(long)]
+        store: StoreUrl,
+        /// Event ids to skip (repeatable).
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<EventId>,
+        /// Skip every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 pub async fn status(
@@ -95,16 +107,23 @@ pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
                 if json {
                     print_json(d);
                 } else {
-                    println!(
-                        "{}  {}/{} v{}  {}  attempts={}  error: {}",
-                        d.event.id,
-                        d.event.aggregate_type,
-                        d.event.aggregate_id,
-                        d.event.aggregate_version,
-                        d.event.event_type,
-                        d.attempts,
-                        d.last_error.as_deref().unwrap_or("-")
-                    );
+                    let error = d.last_error.as_deref().unwrap_or("-");
+                    match (&d.event, &d.raw) {
+                        (Some(e), _) => println!(
+                            "{}  {}/{} v{}  {}  attempts={}  error: {error}",
+                            e.id,
+                            e.aggregate_type,
+                            e.aggregate_id,
+                            e.aggregate_version,
+                            e.event_type,
+                            d.attempts,
+                        ),
+                        (None, raw) => println!(
+                            "{}  MALFORMED  error: {error}  raw: {}",
+                            d.reference,
+                            raw.as_ref().map(|r| r.to_string()).unwrap_or_default()
+                        ),
+                    }
                 }
             }
             if !json {
@@ -113,29 +132,42 @@ pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
             Ok(())
         }
         DeadLetterCommand::Replay { store, ids, all } => {
-            let which = if all {
-                ReplaySelector::All
-            } else {
-                ReplaySelector::Ids(ids.clone())
-            };
+            let which = selector(&ids, all);
             let replayed = with_store!(store.open_existing().await?, s => s.replay(which).await?);
             println!("replayed {replayed} dead letter(s)");
-            if !all && replayed < ids.len() as u64 {
-                return Err(CliError::Usage(format!(
-                    "{} of the {} ids given are not dead letters",
-                    ids.len() as u64 - replayed,
-                    ids.len()
-                )));
-            }
-            Ok(())
+            check_all_found(&ids, all, replayed)
+        }
+        DeadLetterCommand::Skip { store, ids, all } => {
+            let which = selector(&ids, all);
+            let skipped = with_store!(store.open_existing().await?, s => s.skip(which).await?);
+            println!("skipped {skipped} dead letter(s)");
+            check_all_found(&ids, all, skipped)
         }
     }
 }
 
+fn selector(ids: &[EventId], all: bool) -> ReplaySelector {
+    if all {
+        ReplaySelector::All
+    } else {
+        ReplaySelector::Ids(ids.to_vec())
+    }
+}
+
+fn check_all_found(ids: &[EventId], all: bool, done: u64) -> Result<(), CliError> {
+    if !all && done < ids.len() as u64 {
+        return Err(CliError::Usage(format!(
+            "{} of the {} ids given are not dead letters",
+            ids.len() as u64 - done,
+            ids.len()
+        )));
+    }
+    Ok(())
+}
+
 pub async fn purge(url: &StoreUrl, older_than: Duration) -> Result<(), CliError> {
-    let age = chrono::Duration::from_std(older_than)
-        .map_err(|_| CliError::Usage("--older-than is too large".into()))?;
-    let before = Utc::now() - age;
+    // An age past the calendar's start purges everything published: saturate.
+    let before = outbox_core::time::sub(Utc::now(), older_than);
     let purged = with_store!(url.open_existing().await?, s => s.purge_published(before).await?);
     println!(
         "purged {purged} published event(s) older than {}",

@@ -23,38 +23,84 @@ impl Disposition {
     }
 }
 
+/// Whom a publish failure concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scope {
+    /// The broker refused this one entry; it counts toward the entry's attempts.
+    Entry,
+    /// The target as a whole failed (unreachable, timed out, refused our
+    /// credentials, throttled the call, has no such bus or queue). It says
+    /// nothing about the event: the relay pauses the target and probes it,
+    /// spending no event's attempts, for as long as the outage lasts.
+    Target,
+}
+
 /// Why one event could not be published.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct PublishError {
     disposition: Disposition,
+    scope: Scope,
     message: String,
+    /// The foreign error behind it, shared because a failed call gives the
+    /// same error to every entry.
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl PublishError {
+    fn new(disposition: Disposition, message: impl Into<String>) -> Self {
+        Self {
+            disposition,
+            scope: Scope::Entry,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// This entry may succeed later.
     pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            disposition: Disposition::Transient,
-            message: message.into(),
-        }
+        Self::new(Disposition::Transient, message)
     }
 
+    /// This entry will never succeed as sent.
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            disposition: Disposition::Permanent,
-            message: message.into(),
-        }
+        Self::new(Disposition::Permanent, message)
     }
 
+    /// This entry may be sent again after `after`.
     pub fn retry_after(after: Duration, message: impl Into<String>) -> Self {
-        Self {
-            disposition: Disposition::RetryAfter(after),
-            message: message.into(),
-        }
+        Self::new(Disposition::RetryAfter(after), message)
+    }
+
+    /// The target as a whole is unavailable: no event is at fault.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(Disposition::Transient, message).target_wide()
+    }
+
+    /// Marks the failure as one of the whole target rather than of the entry.
+    pub fn target_wide(mut self) -> Self {
+        self.scope = Scope::Target;
+        self
+    }
+
+    /// Keeps the foreign error as the source.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(std::sync::Arc::from(source.into()));
+        self
     }
 
     pub fn disposition(&self) -> Disposition {
         self.disposition
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    /// Whether the failure is the target's, not the entry's.
+    pub fn is_target_failure(&self) -> bool {
+        self.scope == Scope::Target
     }
 
     pub fn message(&self) -> &str {

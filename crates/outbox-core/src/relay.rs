@@ -1,36 +1,63 @@
 //! The relay engine: claim due events, publish them in per-aggregate order,
-//! settle each one's fate (published, retry later, dead-letter, release).
+//! settle each one's fate (published, retry later, dead-letter, release,
+//! defer while the target is down).
+//!
+//! This is the only place that schedules publishing. Every source (SQL and
+//! DynamoDB claims, the DynamoDB Streams API, the records of one Lambda
+//! invocation) hands out prefixes of each aggregate's queue through
+//! [`ClaimSource`], and the relay does the rest:
+//!
+//! - waves: at most one event per aggregate per publish call, the next only
+//!   once the previous is confirmed;
+//! - retries: a failure the broker reports for one entry counts toward that
+//!   entry's attempts and sets `next_attempt_at` by the [`RetryPolicy`];
+//!   permanent failures and exhausted attempts are dead-lettered;
+//! - outages: a failure of the target as a whole (unreachable, timed out,
+//!   credentials refused, throttled, no such bus) spends no attempt: the
+//!   events are deferred, the target paused with backoff and probed with
+//!   small claims until it answers again;
+//! - deadlines: no call runs past the claim's lease or the caller's
+//!   deadline; what was not sent by then is released for the next relay.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::stream::{self, StreamExt};
+use tokio::time::Instant;
 
 use crate::error::{Disposition, PublishError, StoreError};
 use crate::event::Event;
 use crate::publish::{PublishRequest, PublishResult, Publisher};
 use crate::retry::RetryPolicy;
 use crate::source::{ClaimRequest, ClaimSource, ClaimedEvent, Settlements};
+use crate::time;
 
 /// How a relay batches, waits and retries.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Most events claimed at once.
     pub batch_size: usize,
-    /// How long claimed events stay reserved; must outlast a batch's publishing.
+    /// How long claimed events stay reserved. The relay starts no publish
+    /// call that could outlive it: what is left near its end is released.
     pub lease: Duration,
     /// Longest sleep when nothing is due (commit notifications wake earlier).
     pub idle_poll: Duration,
-    /// Longest wait for one publish call; a call that takes longer counts as
-    /// a transient failure of all its entries.
+    /// Longest wait for one publish call; a call that takes longer is a
+    /// failure of the target (no event's attempt is spent).
     pub publish_timeout: Duration,
     /// Publish calls in flight at once within one wave.
     pub publish_concurrency: usize,
+    /// Time kept back before the lease ends (or the caller's deadline) to
+    /// record the outcome.
+    pub settle_margin: Duration,
+    /// Longest pause between probes of a target that is down.
+    pub max_outage_pause: Duration,
     pub retry: RetryPolicy,
 }
 
@@ -42,6 +69,8 @@ impl Default for RelayConfig {
             idle_poll: Duration::from_millis(250),
             publish_timeout: Duration::from_secs(10),
             publish_concurrency: 4,
+            settle_margin: Duration::from_secs(1),
+            max_outage_pause: Duration::from_secs(30),
             retry: RetryPolicy::default(),
         }
     }
@@ -73,6 +102,16 @@ impl RelayConfig {
         self
     }
 
+    pub fn settle_margin(mut self, margin: Duration) -> Self {
+        self.settle_margin = margin;
+        self
+    }
+
+    pub fn max_outage_pause(mut self, pause: Duration) -> Self {
+        self.max_outage_pause = pause;
+        self
+    }
+
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -94,8 +133,23 @@ impl RelayConfig {
         if self.idle_poll.is_zero() {
             return bad("idle_poll must be greater than zero");
         }
-        if self.lease <= self.publish_timeout {
-            return bad("lease must be longer than publish_timeout, or a slow publish would let another relay take the same events");
+        if self.publish_timeout.is_zero() {
+            return bad("publish_timeout must be greater than zero");
+        }
+        if self.max_outage_pause.is_zero() {
+            return bad("max_outage_pause must be greater than zero");
+        }
+        for (setting, value, max) in [
+            ("lease", self.lease, time::MAX_LEASE),
+            ("idle_poll", self.idle_poll, time::MAX_WAIT),
+            ("publish_timeout", self.publish_timeout, time::MAX_WAIT),
+            ("max_outage_pause", self.max_outage_pause, time::MAX_WAIT),
+            ("settle_margin", self.settle_margin, time::MAX_WAIT),
+        ] {
+            time::check_at_most(setting, value, max).or_else(|m| bad(&m))?;
+        }
+        if self.lease <= self.publish_timeout.saturating_add(self.settle_margin) {
+            return bad("lease must be longer than publish_timeout plus settle_margin, or no publish call would fit in it");
         }
         self.retry.validate().or_else(|m| bad(&m))
     }
@@ -103,24 +157,40 @@ impl RelayConfig {
 
 /// Running totals of one relay, readable while it runs.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct RelayMetrics {
     pub batches: AtomicU64,
     pub claimed: AtomicU64,
     pub published: AtomicU64,
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Entries that could not be read, dead-lettered (also in `dead_lettered`).
+    pub malformed: AtomicU64,
     pub released: AtomicU64,
+    /// Events put back because the target as a whole was down.
+    pub deferred: AtomicU64,
+    /// Outages of the target seen (each counted once, when it began).
+    pub outages: AtomicU64,
     pub store_errors: AtomicU64,
 }
 
-/// What one claim-publish-settle cycle did.
+/// What one or more claim-publish-settle cycles did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BatchReport {
     pub claimed: usize,
     pub published: usize,
     pub retried: usize,
+    /// Dead-lettered, malformed entries included.
     pub dead_lettered: usize,
+    /// Entries that could not be read (also counted in `dead_lettered`).
+    pub malformed: usize,
     pub released: usize,
+    /// Put back because the target as a whole was down.
+    pub deferred: usize,
+    /// From the last claim that found nothing due: when the source's next
+    /// event comes due, if it knows.
+    pub next_due: Option<DateTime<Utc>>,
 }
 
 impl BatchReport {
@@ -129,8 +199,24 @@ impl BatchReport {
         self.published += other.published;
         self.retried += other.retried;
         self.dead_lettered += other.dead_lettered;
+        self.malformed += other.malformed;
         self.released += other.released;
+        self.deferred += other.deferred;
+        self.next_due = other.next_due;
     }
+}
+
+/// A target that is down, as the relay sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Outage {
+    /// When the first failed call of this outage was seen.
+    pub since: DateTime<Utc>,
+    /// Failed probes so far.
+    pub failures: u32,
+    pub last_error: String,
+    /// How long the relay waits before its next probe.
+    pub pause: Duration,
 }
 
 /// Moves events from a [`ClaimSource`] to a [`Publisher`].
@@ -140,6 +226,15 @@ pub struct Relay<S, P> {
     publisher: P,
     config: RelayConfig,
     metrics: Arc<RelayMetrics>,
+    outage: Mutex<Option<Outage>>,
+}
+
+/// Until when one batch may publish.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    /// The caller's deadline (not the lease) is the nearer one.
+    callers: bool,
 }
 
 impl<S: ClaimSource, P: Publisher> Relay<S, P> {
@@ -150,6 +245,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             publisher,
             config,
             metrics: Arc::default(),
+            outage: Mutex::new(None),
         })
     }
 
@@ -161,10 +257,39 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         &self.source
     }
 
-    /// Runs until `shutdown` completes. The batch in flight then finishes its
-    /// current publish call; what it has not yet sent is released for the next
-    /// relay, so a restart neither waits for a lease nor loses anything.
+    pub fn publisher(&self) -> &P {
+        &self.publisher
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// The target's outage, while one lasts.
+    pub fn outage(&self) -> Option<Outage> {
+        self.outage.lock().map(|o| o.clone()).unwrap_or(None)
+    }
+
+    /// Hands back what the source holds for this relay (see
+    /// [`ClaimSource::close`]). [`Relay::run`] does it when it stops.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.source.close().await
+    }
+
+    /// Runs until `shutdown` completes, then closes the source. The batch in
+    /// flight finishes its current publish call; what it has not yet sent is
+    /// released for the next relay, so a restart neither waits for a lease
+    /// nor loses anything. A target that is down is probed with growing
+    /// pauses for as long as it stays down; no event is dead-lettered for it.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<BatchReport, StoreError> {
+        let result = self.serve(shutdown).await;
+        if let Err(e) = self.close().await {
+            tracing::warn!(error = %e, "relay: could not hand back the source; the next relay waits for its lease");
+        }
+        result
+    }
+
+    async fn serve(&self, shutdown: impl Future<Output = ()>) -> Result<BatchReport, StoreError> {
         let mut shutdown = Shutdown {
             signal: pin!(shutdown),
             fired: false,
@@ -175,7 +300,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             if shutdown.fired() {
                 return Ok(total);
             }
-            let report = match self.run_batch(Some(&mut shutdown)).await {
+            let report = match self.run_batch(None, None, Some(&mut shutdown)).await {
                 Ok(report) => {
                     store_failures = 0;
                     report
@@ -183,17 +308,29 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 Err(e) if e.is_retryable() || matches!(e, StoreError::Backend(_)) => {
                     // The store is down or busy: keep going, with growing pauses.
                     store_failures = store_failures.saturating_add(1);
-                    let pause = self.config.idle_poll * 2u32.saturating_pow(store_failures.min(5));
+                    let pause = self
+                        .config
+                        .idle_poll
+                        .saturating_mul(2u32.saturating_pow(store_failures.min(5)))
+                        .min(Duration::from_secs(10));
                     tracing::warn!(error = %e, retry_in = ?pause, "relay: store call failed");
                     tokio::select! {
                         biased;
                         () = shutdown.wait() => return Ok(total),
-                        () = tokio::time::sleep(pause.min(Duration::from_secs(10))) => continue,
+                        () = tokio::time::sleep(pause) => continue,
                     }
                 }
                 Err(e) => return Err(e),
             };
             total.add(report);
+            if let Some(outage) = self.outage().filter(|_| report.deferred > 0) {
+                // The target is down: wait, then probe it with a small claim.
+                tokio::select! {
+                    biased;
+                    () = shutdown.wait() => return Ok(total),
+                    () = tokio::time::sleep(outage.pause) => continue,
+                }
+            }
             // A full batch means more is probably due: go again at once.
             if report.claimed < self.config.batch_size {
                 tokio::select! {
@@ -205,55 +342,133 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Claims and processes batches until nothing is due; for scheduled relays.
+    /// Publishes what was due when it started, then returns; for scheduled
+    /// relays (`outbox relay --once`, a Lambda on a timer). Writers that keep
+    /// writing do not keep it going, and events that fail wait for their next
+    /// attempt in a later run. A target that is down ends it at once, with
+    /// the events deferred (see [`Relay::outage`]).
     pub async fn drain(&self) -> Result<BatchReport, StoreError> {
+        let due_by = Utc::now();
         let mut total = BatchReport::default();
         loop {
-            let report = self.run_batch(NO_SHUTDOWN).await?;
+            let report = self.run_batch(None, Some(due_by), NO_SHUTDOWN).await?;
             total.add(report);
-            if report.claimed == 0 {
+            if report.claimed == 0 || report.deferred > 0 {
                 return Ok(total);
+            }
+        }
+    }
+
+    /// Publishes everything that is or comes due before `deadline`, retries
+    /// included, and returns in time: no publish call runs past `deadline`
+    /// less the settle margin, and what was not sent by then is released.
+    /// For a source whose events all fit one run, such as the records of one
+    /// Lambda invocation.
+    pub async fn drain_until(&self, deadline: Instant) -> Result<BatchReport, StoreError> {
+        let mut total = BatchReport::default();
+        let end = deadline
+            .checked_sub(self.config.settle_margin)
+            .unwrap_or(deadline);
+        loop {
+            if Instant::now() >= end {
+                return Ok(total);
+            }
+            let report = self.run_batch(Some(deadline), None, NO_SHUTDOWN).await?;
+            total.add(report);
+            if report.deferred > 0 {
+                return Ok(total);
+            }
+            if report.claimed == 0 {
+                let Some(next) = report.next_due else {
+                    return Ok(total);
+                };
+                let wake = time::instant_after(Instant::now(), time::until(Utc::now(), next));
+                if wake >= end {
+                    return Ok(total);
+                }
+                tokio::time::sleep_until(wake).await;
             }
         }
     }
 
     /// One claim-publish-settle cycle.
     pub async fn run_once(&self) -> Result<BatchReport, StoreError> {
-        self.run_batch(NO_SHUTDOWN).await
+        self.run_batch(None, None, NO_SHUTDOWN).await
     }
 
     async fn run_batch<F: Future<Output = ()> + ?Sized>(
         &self,
+        deadline: Option<Instant>,
+        due_by: Option<DateTime<Utc>>,
         mut shutdown: Option<&mut Shutdown<'_, F>>,
     ) -> Result<BatchReport, StoreError> {
-        let started = tokio::time::Instant::now();
-        let claimed = self
-            .source
-            .claim(ClaimRequest::new(self.config.batch_size, self.config.lease))
-            .await
-            .inspect_err(|_| {
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-            })?;
-        let count = claimed.events.len();
+        let started = Instant::now();
+        // While the target is down, a claim is only a probe: one call's worth.
+        let limit = if self.outage().is_some() {
+            self.publisher
+                .max_batch_size()
+                .clamp(1, self.config.batch_size)
+        } else {
+            self.config.batch_size
+        };
+        let mut request = ClaimRequest::new(limit, self.config.lease);
+        if let Some(due_by) = due_by {
+            request = request.due_by(due_by);
+        }
+        let claimed = self.source.claim(request).await.inspect_err(|_| {
+            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        })?;
+        let count = claimed.len();
         if count == 0 {
-            return Ok(BatchReport::default());
+            return Ok(BatchReport {
+                next_due: claimed.next_due,
+                ..BatchReport::default()
+            });
         }
         self.metrics.batches.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .claimed
             .fetch_add(count as u64, Ordering::Relaxed);
 
-        let claimed_at = tokio::time::Instant::now();
+        // The lease was taken at the store after `started`: measuring from
+        // here keeps the relay on the safe side of it.
+        let lease_end = time::instant_after(started, self.config.lease);
+        let batch_deadline = match deadline {
+            Some(at) if at < lease_end => Deadline { at, callers: true },
+            _ => Deadline {
+                at: lease_end,
+                callers: false,
+            },
+        };
+        let publish_by = batch_deadline
+            .at
+            .checked_sub(self.config.settle_margin)
+            .unwrap_or(batch_deadline.at);
+
+        let claimed_at = Instant::now();
         let mut settlements = Settlements::default();
+        let malformed = claimed.malformed.len();
+        for entry in claimed.malformed {
+            tracing::warn!(receipt = ?entry.receipt, reason = %entry.reason, "relay: dead-lettering an entry that cannot be read");
+            settlements
+                .dead
+                .push((entry.receipt, format!("malformed: {}", entry.reason)));
+        }
         let (aggregates, waves) = into_waves(claimed.events);
         // Aggregates with a failure in this batch: their later events wait.
         let mut blocked = vec![false; aggregates];
         let mut stopping = false;
+        let mut target_down: Option<PublishError> = None;
+        let mut deadline_hit = false;
         for wave in waves {
             stopping = stopping || shutdown.as_mut().is_some_and(|s| s.fired());
+            if Instant::now() >= publish_by {
+                deadline_hit = true;
+            }
+            let hold_all = stopping || deadline_hit || target_down.is_some();
             let (send, held): (Vec<_>, Vec<_>) = wave
                 .into_iter()
-                .partition(|(aggregate, _)| !stopping && !blocked[*aggregate]);
+                .partition(|(aggregate, _)| !hold_all && !blocked[*aggregate]);
             settlements
                 .released
                 .extend(held.into_iter().map(|(_, c)| c.receipt));
@@ -266,29 +481,56 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 .into_iter()
                 .map(|(aggregate, c)| (c.event, (aggregate, c.attempts, c.receipt)))
                 .unzip();
-            let results = self.publish_wave(&events).await;
+            let results = self.publish_wave(&events, publish_by).await;
             for ((event, (aggregate, attempts, receipt)), result) in
                 events.iter().zip(tickets).zip(results)
             {
                 match result {
-                    Ok(()) => settlements.published.push(receipt),
-                    Err(error) => {
+                    Outcome::Sent(Ok(())) => settlements.published.push(receipt),
+                    Outcome::Cut => {
+                        // The deadline came first: not a failure of anything.
+                        deadline_hit = true;
+                        blocked[aggregate] = true;
+                        settlements.released.push(receipt);
+                    }
+                    Outcome::Sent(Err(error)) if error.is_target_failure() => {
+                        blocked[aggregate] = true;
+                        settlements
+                            .deferred
+                            .push((receipt, Utc::now(), error.to_string()));
+                        target_down.get_or_insert(error);
+                    }
+                    Outcome::Sent(Err(error)) => {
                         blocked[aggregate] = true;
                         self.settle_failure(event, attempts, receipt, error, &mut settlements);
                     }
                 }
             }
         }
+        if deadline_hit && !batch_deadline.callers {
+            tracing::warn!(
+                released = settlements.released.len(),
+                "relay: batch reached the end of its lease; releasing what was not sent (a longer lease or a smaller batch avoids this)"
+            );
+        }
+        self.track_outage(
+            target_down.as_ref(),
+            settlements.published.len(),
+            &mut settlements,
+        );
 
         let report = BatchReport {
             claimed: count,
             published: settlements.published.len(),
             retried: settlements.retry.len(),
             dead_lettered: settlements.dead.len(),
+            malformed,
             released: settlements.released.len(),
+            deferred: settlements.deferred.len(),
+            next_due: None,
         };
         let m = &self.metrics;
-        let published_at = tokio::time::Instant::now();
+        let published_at = Instant::now();
         let applied = self
             .source
             .settle(claimed.lease, settlements)
@@ -318,9 +560,57 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             .fetch_add(report.retried as u64, Ordering::Relaxed);
         m.dead_lettered
             .fetch_add(report.dead_lettered as u64, Ordering::Relaxed);
+        m.malformed.fetch_add(malformed as u64, Ordering::Relaxed);
         m.released
             .fetch_add(report.released as u64, Ordering::Relaxed);
+        m.deferred
+            .fetch_add(report.deferred as u64, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// Starts, extends or ends the target's outage after a batch, and dates
+    /// the deferred events to the next probe.
+    fn track_outage(
+        &self,
+        failure: Option<&PublishError>,
+        published: usize,
+        settlements: &mut Settlements<S::Receipt>,
+    ) {
+        let Ok(mut outage) = self.outage.lock() else {
+            return;
+        };
+        match failure {
+            Some(error) => {
+                let failures = outage.as_ref().map_or(0, |o| o.failures).saturating_add(1);
+                let pause = self
+                    .config
+                    .retry
+                    .backoff(failures)
+                    .min(self.config.max_outage_pause);
+                let since = outage.as_ref().map_or_else(Utc::now, |o| o.since);
+                if outage.is_none() {
+                    self.metrics.outages.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(%error, failures, probe_in = ?pause, "relay: target unavailable; its events wait, no attempt counted");
+                let retry_at = time::add(Utc::now(), pause);
+                for (_, at, _) in &mut settlements.deferred {
+                    *at = retry_at;
+                }
+                *outage = Some(Outage {
+                    since,
+                    failures,
+                    last_error: error.to_string(),
+                    pause,
+                });
+            }
+            None if published > 0 => {
+                if let Some(ended) = outage.take() {
+                    let lasted = time::until(ended.since, Utc::now());
+                    tracing::info!(lasted = ?lasted, "relay: target available again");
+                }
+            }
+            None => {}
+        }
     }
 
     fn settle_failure(
@@ -349,12 +639,12 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             }
             disposition => {
                 let delay = match disposition {
-                    // The target knows best when it can take more.
-                    Disposition::RetryAfter(after) => after,
+                    // The target knows best when it can take more, within
+                    // the policy's bound on any one delay.
+                    Disposition::RetryAfter(after) => after.min(self.config.retry.max_delay),
                     _ => self.config.retry.backoff(attempts),
                 };
-                let at =
-                    Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                let at = time::add(Utc::now(), delay);
                 tracing::debug!(%id, %error, attempts, ?delay, "relay: transient failure");
                 settlements.retry.push((receipt, at, error.to_string()));
             }
@@ -362,14 +652,14 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     }
 
     /// Publishes one wave (at most one event per aggregate) in calls of the
-    /// publisher's batch size, several calls at once.
-    async fn publish_wave(&self, events: &[Event]) -> Vec<PublishResult> {
+    /// publisher's batch size, several calls at once, none past `publish_by`.
+    async fn publish_wave(&self, events: &[Event], publish_by: Instant) -> Vec<Outcome> {
         let chunk = self.publisher.max_batch_size().max(1);
         // Futures collected first: a closure in the stream would make the
         // relay's future lose `Send` (rust-lang/rust#102211).
         let calls: Vec<_> = events
             .chunks(chunk)
-            .map(|events| self.publish_call(events))
+            .map(|events| self.publish_call(events, publish_by))
             .collect();
         stream::iter(calls)
             .buffered(self.config.publish_concurrency)
@@ -378,13 +668,25 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             .await
     }
 
-    /// One publish call, bounded by the publish timeout, always answering
-    /// one result per event.
-    async fn publish_call(&self, events: &[Event]) -> Vec<PublishResult> {
+    /// One publish call, bounded by the publish timeout and the deadline,
+    /// always answering one outcome per event.
+    async fn publish_call(&self, events: &[Event], publish_by: Instant) -> Vec<Outcome> {
+        let now = Instant::now();
+        let left = publish_by.saturating_duration_since(now);
+        if left.is_zero() {
+            return events.iter().map(|_| Outcome::Cut).collect();
+        }
+        let timeout = self.config.publish_timeout;
         let call = self.publisher.publish(PublishRequest::new(events));
-        let mut results = match tokio::time::timeout(self.config.publish_timeout, call).await {
+        let mut results = match tokio::time::timeout(timeout.min(left), call).await {
             Ok(results) => results,
-            Err(_) => vec![Err(PublishError::transient("publish timed out")); events.len()],
+            Err(_) if left < timeout => return events.iter().map(|_| Outcome::Cut).collect(),
+            Err(_) => vec![
+                Err(PublishError::unavailable(format!(
+                    "publish call timed out after {timeout:?}"
+                )));
+                events.len()
+            ],
         };
         if results.len() != events.len() {
             let msg = format!(
@@ -394,8 +696,16 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             );
             results.resize_with(events.len(), || Err(PublishError::transient(msg.clone())));
         }
-        results
+        results.into_iter().map(Outcome::Sent).collect()
     }
+}
+
+/// What became of one event handed to a publish call.
+#[derive(Debug)]
+enum Outcome {
+    Sent(PublishResult),
+    /// The call was not made, or abandoned, because the deadline came.
+    Cut,
 }
 
 /// Splits a claim into waves: wave k holds the k-th claimed event of every
@@ -461,11 +771,11 @@ mod tests {
     use super::*;
 
     fn claimed(agg: &str, version: u64) -> ClaimedEvent<u64> {
-        ClaimedEvent {
-            event: Event::builder("Order", agg, version, "E").build().unwrap(),
-            attempts: 0,
-            receipt: version,
-        }
+        ClaimedEvent::new(
+            Event::builder("Order", agg, version, "E").build().unwrap(),
+            0,
+            version,
+        )
     }
 
     #[test]
@@ -505,5 +815,21 @@ mod tests {
             .lease(Duration::from_secs(1))
             .publish_timeout(Duration::from_secs(2));
         assert!(slow.validate().is_err());
+        for absurd in [
+            RelayConfig::default().lease(Duration::MAX),
+            RelayConfig::default().idle_poll(Duration::MAX),
+            RelayConfig::default().publish_timeout(Duration::MAX),
+            RelayConfig::default().max_outage_pause(Duration::MAX),
+            RelayConfig::default().retry(RetryPolicy {
+                max_delay: Duration::MAX,
+                ..RetryPolicy::default()
+            }),
+        ] {
+            let error = absurd.validate().unwrap_err().to_string();
+            assert!(
+                error.contains("too long") || error.contains("lease"),
+                "{error}"
+            );
+        }
     }
 }

@@ -40,7 +40,9 @@ impl RetryPolicy {
         let capped = base.min(self.max_delay.as_secs_f64());
         let jitter = self.jitter.clamp(0.0, 1.0);
         let secs = capped * (1.0 - jitter) + capped * jitter * random.clamp(0.0, 1.0);
-        Duration::from_secs_f64(secs)
+        // A NaN or out-of-range figure (only from an unvalidated policy)
+        // saturates to the cap instead of panicking.
+        Duration::try_from_secs_f64(secs).unwrap_or(self.max_delay)
     }
 
     /// [`RetryPolicy::delay`] with a fresh random draw.
@@ -66,7 +68,7 @@ impl RetryPolicy {
         if self.initial > self.max_delay {
             return Err("initial delay must not exceed max_delay".into());
         }
-        Ok(())
+        crate::time::check_at_most("max_delay", self.max_delay, crate::time::MAX_RETRY_DELAY)
     }
 }
 
@@ -119,5 +121,17 @@ mod tests {
         }
         .validate()
         .is_err());
+        let absurd = RetryPolicy {
+            max_delay: Duration::MAX,
+            ..Default::default()
+        };
+        assert!(absurd.validate().unwrap_err().contains("max_delay"));
+        // Even unvalidated, it never panics.
+        assert!(absurd.delay(200, 0.5) > Duration::from_secs(1 << 40));
+        let nan = RetryPolicy {
+            multiplier: f64::NAN,
+            ..Default::default()
+        };
+        let _ = nan.delay(3, 0.5);
     }
 }

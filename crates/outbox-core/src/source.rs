@@ -39,16 +39,35 @@ pub struct ClaimRequest {
     /// How long the claimed events stay reserved for this relay. A relay that
     /// dies holding a claim delays its events by at most this much.
     pub lease: Duration,
+    /// Claim only events due at or before this time (and never after now):
+    /// a drain takes what was due when it started, so writers that keep
+    /// writing cannot keep it going forever.
+    pub due_by: Option<DateTime<Utc>>,
 }
 
 impl ClaimRequest {
     pub fn new(limit: usize, lease: Duration) -> Self {
-        Self { limit, lease }
+        Self {
+            limit,
+            lease,
+            due_by: None,
+        }
+    }
+
+    pub fn due_by(mut self, at: DateTime<Utc>) -> Self {
+        self.due_by = Some(at);
+        self
+    }
+
+    /// The latest due time an event may have to be claimed now.
+    pub fn due_cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        self.due_by.map_or(now, |due_by| due_by.min(now))
     }
 }
 
 /// An event reserved for one relay.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClaimedEvent<R> {
     pub event: Event,
     /// Failed attempts so far.
@@ -57,26 +76,102 @@ pub struct ClaimedEvent<R> {
     pub receipt: R,
 }
 
+impl<R> ClaimedEvent<R> {
+    pub fn new(event: Event, attempts: u32, receipt: R) -> Self {
+        Self {
+            event,
+            attempts,
+            receipt,
+        }
+    }
+}
+
+/// A stored entry that cannot be read as an event (a BLOB where text
+/// belongs, invalid JSON, a non-UUID id, a version of 0...). The relay
+/// dead-letters it alone, with the reason, and everything else flows.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Malformed<R> {
+    pub receipt: R,
+    pub reason: String,
+}
+
+impl<R> Malformed<R> {
+    pub fn new(receipt: R, reason: impl Into<String>) -> Self {
+        Self {
+            receipt,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// The result of a claim.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Claimed<R> {
     pub lease: LeaseId,
     /// Due events that no earlier pending event of their aggregate holds back,
     /// each aggregate's in version order.
     pub events: Vec<ClaimedEvent<R>>,
+    /// Entries that could not be read, leased like the events; the relay
+    /// settles them as dead.
+    pub malformed: Vec<Malformed<R>>,
+    /// When the next event held by this source comes due, if the source
+    /// knows and nothing is due now. A drain with a deadline waits for it.
+    pub next_due: Option<DateTime<Utc>>,
+}
+
+impl<R> Claimed<R> {
+    pub fn new(lease: LeaseId, events: Vec<ClaimedEvent<R>>) -> Self {
+        Self {
+            lease,
+            events,
+            malformed: Vec::new(),
+            next_due: None,
+        }
+    }
+
+    /// Nothing due.
+    pub fn empty(lease: LeaseId) -> Self {
+        Self::new(lease, Vec::new())
+    }
+
+    pub fn with_malformed(mut self, malformed: Vec<Malformed<R>>) -> Self {
+        self.malformed = malformed;
+        self
+    }
+
+    pub fn with_next_due(mut self, at: Option<DateTime<Utc>>) -> Self {
+        self.next_due = at;
+        self
+    }
+
+    /// Events and malformed entries together.
+    pub fn len(&self) -> usize {
+        self.events.len() + self.malformed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What became of the events of one claim.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Settlements<R> {
     pub published: Vec<R>,
-    /// Failed, to be tried again at the given time.
+    /// Failed, to be tried again at the given time; counts an attempt.
     pub retry: Vec<(R, DateTime<Utc>, String)>,
     /// Failed for good: kept with their last error, replayable.
     pub dead: Vec<(R, String)>,
-    /// Not attempted (held back behind a failure, or a shutdown): due again now,
-    /// without counting an attempt.
+    /// Not attempted (held back behind a failure, a shutdown, or the end of
+    /// the lease): due again now, without counting an attempt.
     pub released: Vec<R>,
+    /// Not delivered because the target as a whole was down: due again at
+    /// the given time, the error recorded (so `status` shows the outage),
+    /// without counting an attempt.
+    pub deferred: Vec<(R, DateTime<Utc>, String)>,
 }
 
 impl<R> Default for Settlements<R> {
@@ -86,13 +181,18 @@ impl<R> Default for Settlements<R> {
             retry: Vec::new(),
             dead: Vec::new(),
             released: Vec::new(),
+            deferred: Vec::new(),
         }
     }
 }
 
 impl<R> Settlements<R> {
     pub fn len(&self) -> usize {
-        self.published.len() + self.retry.len() + self.dead.len() + self.released.len()
+        self.published.len()
+            + self.retry.len()
+            + self.dead.len()
+            + self.released.len()
+            + self.deferred.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -100,12 +200,23 @@ impl<R> Settlements<R> {
     }
 }
 
-/// A store the relay can poll.
+/// A store the relay can poll: the one thing every way of reading events
+/// (SQL and DynamoDB claims, the DynamoDB Streams API, the records of one
+/// Lambda invocation) implements under the one relay engine.
 ///
-/// `claim` returns, for each aggregate, a prefix of its pending events in
-/// version order, and only when none of its earlier pending events is held
-/// (backing off after a failure, or claimed by another relay). This is what
-/// keeps per-aggregate order with several relays and failures.
+/// # The ordering contract
+///
+/// Writers append each aggregate's events in version order and commit them
+/// in that order (a later version never commits before an earlier one: the
+/// stores serialize an aggregate's writers under a version condition).
+///
+/// `claim` then returns, for each aggregate, a *prefix* of its pending events
+/// in version order, and only when none of its earlier pending events is held
+/// (backing off after a failure, claimed by another relay, or parked behind a
+/// dead letter where the store is configured to park). That is the whole of a
+/// source's ordering duty: the relay publishes each aggregate's prefix one
+/// event at a time, retries, backs off and dead-letters; a source never
+/// schedules publishing itself.
 pub trait ClaimSource: Send + Sync {
     type Receipt: Clone + Send + Sync + std::fmt::Debug + 'static;
 
@@ -127,31 +238,93 @@ pub trait ClaimSource: Send + Sync {
     fn wait_for_events(&self, max_wait: Duration) -> impl Future<Output = ()> + Send {
         tokio::time::sleep(max_wait)
     }
+
+    /// Hands back whatever the source holds for this relay (a stream's
+    /// ownership lease, say), so the next relay takes over at once. Called
+    /// when a relay stops; the default holds nothing.
+    fn close(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// What a dead letter does to the later events of its aggregate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadLetterPolicy {
+    /// Later events flow past it; a replayed dead letter is then published
+    /// after them. Nothing waits on an operator.
+    #[default]
+    Continue,
+    /// The aggregate is parked behind its dead letter: nothing later is
+    /// published until the dead letter is replayed or skipped, so consumers
+    /// see every aggregate's events in version order, always.
+    Park,
 }
 
 /// Counts for monitoring unpublished events.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct OutboxStats {
     pub pending: u64,
     pub published: u64,
     pub dead: u64,
     /// When the oldest pending event was written.
     pub oldest_pending_at: Option<DateTime<Utc>>,
+    /// Events known to be lost before a relay could read them (a change
+    /// stream trimmed past its checkpoint). Anything but 0 needs a person.
+    pub lost: u64,
+    /// The latest error recorded on a pending event: an outage of the
+    /// target shows here while its events wait.
+    pub last_error: Option<String>,
 }
 
 pub trait Stats: Send + Sync {
     fn stats(&self) -> impl Future<Output = Result<OutboxStats, StoreError>> + Send;
 }
 
-/// An event that failed for good.
+/// An entry that failed for good: an event, or a stored entry that could
+/// not be read as one (kept with its raw fields and the reason).
 #[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
 pub struct DeadLetter {
-    pub event: Event,
+    /// Where the store keeps it: the event id, or the position, key or
+    /// stream sequence number of an entry that has none.
+    pub reference: String,
+    /// The event, when the entry could be read.
+    pub event: Option<Event>,
+    /// The stored fields as found, for an entry that could not be read.
+    pub raw: Option<serde_json::Value>,
     pub attempts: u32,
     pub last_error: Option<String>,
 }
 
-/// Which dead letters to replay.
+impl DeadLetter {
+    pub fn event(event: Event, attempts: u32, last_error: Option<String>) -> Self {
+        Self {
+            reference: event.id.to_string(),
+            event: Some(event),
+            raw: None,
+            attempts,
+            last_error,
+        }
+    }
+
+    pub fn malformed(
+        reference: impl Into<String>,
+        raw: serde_json::Value,
+        last_error: Option<String>,
+    ) -> Self {
+        Self {
+            reference: reference.into(),
+            event: None,
+            raw: Some(raw),
+            attempts: 0,
+            last_error,
+        }
+    }
+}
+
+/// Which dead letters to replay or skip.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ReplaySelector {
@@ -160,7 +333,7 @@ pub enum ReplaySelector {
 }
 
 pub trait DeadLetters: Send + Sync {
-    /// Dead letters, oldest first.
+    /// Dead letters, oldest first, malformed entries included.
     fn dead_letters(
         &self,
         limit: usize,
@@ -170,6 +343,15 @@ pub trait DeadLetters: Send + Sync {
     /// Returns how many were replayed.
     fn replay(&self, which: ReplaySelector)
         -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Gives up on dead letters for good, so an aggregate parked behind one
+    /// (see [`DeadLetterPolicy::Park`]) flows again. Returns how many.
+    fn skip(&self, which: ReplaySelector) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let _ = which;
+        std::future::ready(Err(StoreError::Config(
+            "this store cannot skip dead letters".into(),
+        )))
+    }
 }
 
 pub trait Purge: Send + Sync {

@@ -219,7 +219,7 @@ impl DeadLetterTable {
         self.query(REPLAY, limit)
             .await?
             .iter()
-            .map(|item| decode_letter(item).map(|l| l.event))
+            .map(decode_letter_event)
             .collect()
     }
 
@@ -412,21 +412,24 @@ fn put_request(item: HashMap<String, AttributeValue>) -> Result<WriteRequest, St
         .map_err(|e| StoreError::Config(e.to_string()))
 }
 
-fn decode_letter(item: &HashMap<String, AttributeValue>) -> Result<DeadLetter, StoreError> {
+fn decode_letter_event(item: &HashMap<String, AttributeValue>) -> Result<Event, StoreError> {
     let json = string_attr(item, EVENT)
         .ok_or_else(|| backend("dead letter", "item has no `event` attribute"))?;
-    let event: Event = serde_json::from_str(json)
-        .map_err(|e| backend("dead letter", format!("bad event: {e}")))?;
+    serde_json::from_str(json).map_err(|e| backend("dead letter", format!("bad event: {e}")))
+}
+
+fn decode_letter(item: &HashMap<String, AttributeValue>) -> Result<DeadLetter, StoreError> {
+    let event = decode_letter_event(item)?;
     let attempts = item
         .get(ATTEMPTS)
         .and_then(|v| v.as_n().ok())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    Ok(DeadLetter {
+    Ok(DeadLetter::event(
         event,
         attempts,
-        last_error: string_attr(item, LAST_ERROR).map(str::to_owned),
-    })
+        string_attr(item, LAST_ERROR).map(str::to_owned),
+    ))
 }
 
 impl DeadLetters for DeadLetterTable {

@@ -34,7 +34,7 @@ async fn put_list_replay_take_finish() {
 
     let dead = t.dead_letters(100).await.unwrap();
     assert_eq!(dead.len(), 30);
-    let listed: Vec<_> = dead.iter().map(|d| d.event.clone()).collect();
+    let listed: Vec<_> = dead.iter().filter_map(|d| d.event.clone()).collect();
     assert_eq!(listed, events, "oldest first, read back as written");
     assert_eq!(dead[4].attempts, 3);
     assert_eq!(dead[4].last_error.as_deref(), Some("boom 5"));

@@ -130,10 +130,8 @@ async fn polling_table_has_ttl_and_published_items_expire() {
         .claim(ClaimRequest::new(10, Duration::from_secs(5)))
         .await
         .expect("claim");
-    let published = Settlements {
-        published: claimed.events.iter().map(|c| c.receipt.clone()).collect(),
-        ..Settlements::default()
-    };
+    let mut published = Settlements::default();
+    published.published = claimed.events.iter().map(|c| c.receipt.clone()).collect();
     assert_eq!(
         store
             .settle(claimed.lease, published)

@@ -21,12 +21,12 @@ impl Stats for SqliteOutbox {
         .fetch_one(&self.pool)
         .await
         .map_err(map)?;
-        Ok(OutboxStats {
-            pending: pending as u64,
-            published: published as u64,
-            dead: dead as u64,
-            oldest_pending_at: oldest.and_then(DateTime::from_timestamp_millis),
-        })
+        let mut stats = OutboxStats::default();
+        stats.pending = pending as u64;
+        stats.published = published as u64;
+        stats.dead = dead as u64;
+        stats.oldest_pending_at = oldest.and_then(DateTime::from_timestamp_millis);
+        Ok(stats)
     }
 }
 
@@ -44,11 +44,11 @@ impl DeadLetters for SqliteOutbox {
         rows.sort_by_key(rows::position);
         rows.into_iter()
             .map(|row| match row {
-                Ok(stored) => Ok(DeadLetter {
-                    event: stored.event,
-                    attempts: stored.attempts,
-                    last_error: stored.last_error,
-                }),
+                Ok(stored) => Ok(DeadLetter::event(
+                    stored.event,
+                    stored.attempts,
+                    stored.last_error,
+                )),
                 Err((position, e)) => Err(StoreError::Backend(
                     format!("dead letter at position {position} cannot be read: {e}").into(),
                 )),

@@ -65,10 +65,7 @@ impl ClaimSource for SqliteOutbox {
         let rows = rows::decode(&json)?;
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(Claimed {
-                lease,
-                events: Vec::new(),
-            });
+            return Ok(Claimed::empty(lease));
         }
         let positions: Vec<i64> = rows.iter().map(rows::position).collect();
         let positions =
@@ -88,11 +85,11 @@ impl ClaimSource for SqliteOutbox {
         let mut malformed = Vec::new();
         for row in rows {
             match row {
-                Ok(stored) => events.push(ClaimedEvent {
-                    event: stored.event,
-                    attempts: stored.attempts,
-                    receipt: stored.position,
-                }),
+                Ok(stored) => events.push(ClaimedEvent::new(
+                    stored.event,
+                    stored.attempts,
+                    stored.position,
+                )),
                 Err((position, e)) => malformed.push((position, e.to_string())),
             }
         }
@@ -114,7 +111,7 @@ impl ClaimSource for SqliteOutbox {
         tx.commit().await?;
         // An aggregate in JSON gives no order; the relay needs write order.
         events.sort_unstable_by_key(|c| c.receipt);
-        Ok(Claimed { lease, events })
+        Ok(Claimed::new(lease, events))
     }
 
     async fn settle(&self, lease: LeaseId, s: Settlements<i64>) -> Result<u64, StoreError> {

@@ -371,7 +371,7 @@ pub async fn dead_letter_then_replay<H: StoreHarness>(h: H, _: StoreFeatures) {
     assert_eq!((s.pending, s.published, s.dead), (0, 1, 1));
     let dead = h.store().dead_letters(10).await.expect("dead letters");
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].event, events[0]);
+    assert_eq!(dead[0].event.as_ref(), Some(&events[0]));
     assert_eq!(dead[0].attempts, 1);
     let error = dead[0].last_error.as_deref().unwrap_or_default();
     assert!(error.contains("rejected"), "last error not kept: {error:?}");
@@ -463,19 +463,15 @@ pub async fn expired_lease_is_reclaimed<H: StoreHarness>(h: H, _: StoreFeatures)
         "expired claim not handed out again in order"
     );
 
-    let stale = Settlements {
-        published: first.events.iter().map(|c| c.receipt.clone()).collect(),
-        ..Settlements::default()
-    };
+    let mut stale = Settlements::default();
+    stale.published = first.events.iter().map(|c| c.receipt.clone()).collect();
     assert_eq!(
         store.settle(first.lease, stale).await.expect("settle"),
         0,
         "a stale lease settled events"
     );
-    let fresh = Settlements {
-        published: second.events.iter().map(|c| c.receipt.clone()).collect(),
-        ..Settlements::default()
-    };
+    let mut fresh = Settlements::default();
+    fresh.published = second.events.iter().map(|c| c.receipt.clone()).collect();
     assert_eq!(store.settle(second.lease, fresh).await.expect("settle"), 2);
     assert_eq!(stats(&h).await.published, 2);
 }
@@ -488,10 +484,8 @@ pub async fn released_events_are_due_again<H: StoreHarness>(h: H, _: StoreFeatur
         .claim(ClaimRequest::new(10, Duration::from_secs(30)))
         .await
         .expect("claim");
-    let released = Settlements {
-        released: claimed.events.iter().map(|c| c.receipt.clone()).collect(),
-        ..Settlements::default()
-    };
+    let mut released = Settlements::default();
+    released.released = claimed.events.iter().map(|c| c.receipt.clone()).collect();
     assert_eq!(
         store.settle(claimed.lease, released).await.expect("settle"),
         1

@@ -286,7 +286,7 @@ impl Shop for DynamoShop {
             .dead_letters(usize::MAX)
             .await?
             .into_iter()
-            .map(|d| d.event.id.to_string())
+            .map(|d| d.reference)
             .collect();
         // The outbox keeps one item per order whose version counts its events.
         let events_written: u64 = self

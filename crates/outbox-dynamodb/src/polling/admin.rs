@@ -142,12 +142,12 @@ impl Stats for PollingOutbox {
             .first()
             .and_then(|item| number(item, POSITION))
             .and_then(|p| DateTime::from_timestamp_millis(p / POSITION_SCALE));
-        Ok(OutboxStats {
-            pending,
-            published,
-            dead,
-            oldest_pending_at,
-        })
+        let mut stats = OutboxStats::default();
+        stats.pending = pending;
+        stats.published = published;
+        stats.dead = dead;
+        stats.oldest_pending_at = oldest_pending_at;
+        Ok(stats)
     }
 }
 
@@ -160,13 +160,13 @@ impl DeadLetters for PollingOutbox {
         }
         self.each_dead(|item| {
             match string(item, EVENT).map(decode_event) {
-                Some(Ok(event)) => letters.push(DeadLetter {
+                Some(Ok(event)) => letters.push(DeadLetter::event(
                     event,
-                    attempts: number(item, ATTEMPTS)
+                    number(item, ATTEMPTS)
                         .and_then(|a| u32::try_from(a).ok())
                         .unwrap_or(0),
-                    last_error: string(item, LAST_ERROR).map(str::to_owned),
-                }),
+                    string(item, LAST_ERROR).map(str::to_owned),
+                )),
                 other => {
                     let reason = match other {
                         Some(Err(e)) => e.to_string(),

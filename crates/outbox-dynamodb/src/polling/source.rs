@@ -171,13 +171,13 @@ impl PollingOutbox {
                         };
                         match string(&leased, EVENT).map(decode_event) {
                             Some(Ok(event)) => {
-                                out.push(ClaimedEvent {
+                                out.push(ClaimedEvent::new(
                                     event,
-                                    attempts: number(&leased, ATTEMPTS)
+                                    number(&leased, ATTEMPTS)
                                         .and_then(|a| u32::try_from(a).ok())
                                         .unwrap_or(0),
                                     receipt,
-                                });
+                                ));
                                 taken += 1;
                             }
                             bad => {
@@ -359,7 +359,7 @@ impl ClaimSource for PollingOutbox {
                 None => break,
             }
         }
-        Ok(Claimed { lease, events })
+        Ok(Claimed::new(lease, events))
     }
 
     async fn settle(

@@ -181,17 +181,14 @@ impl Buffer {
         for id in self.claimable(limit) {
             if let Some(entry) = self.entries.get_mut(&id) {
                 entry.lease = Some((lease_id, expires));
-                events.push(ClaimedEvent {
-                    event: entry.event.clone(),
-                    attempts: entry.attempts,
-                    receipt: StreamReceipt(id),
-                });
+                events.push(ClaimedEvent::new(
+                    entry.event.clone(),
+                    entry.attempts,
+                    StreamReceipt(id),
+                ));
             }
         }
-        Claimed {
-            lease: lease_id,
-            events,
-        }
+        Claimed::new(lease_id, events)
     }
 
     /// Whether a claim now would hand out anything.

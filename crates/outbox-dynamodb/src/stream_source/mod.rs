@@ -946,10 +946,7 @@ impl ClaimSource for StreamSource {
 
     async fn claim(&self, request: ClaimRequest) -> Result<Claimed<StreamReceipt>, StoreError> {
         if !self.ensure_lease().await? {
-            return Ok(Claimed {
-                lease: LeaseId::new(),
-                events: Vec::new(),
-            });
+            return Ok(Claimed::empty(LeaseId::new()));
         }
         // Another clone reading already fills the same buffer.
         let read = match self.inner.reading.try_lock() {
@@ -1032,12 +1029,12 @@ impl Stats for StreamSource {
         let replays = self.inner.dead_letters.count_replays().await?;
         let state = lock(&self.inner.state);
         let unfinished = state.replays_to_finish.len() as u64;
-        Ok(OutboxStats {
-            pending: state.buffer.stream_pending() + replays.saturating_sub(unfinished),
-            published: state.buffer.published,
-            dead,
-            oldest_pending_at: state.buffer.oldest_pending_at(),
-        })
+        let mut stats = OutboxStats::default();
+        stats.pending = state.buffer.stream_pending() + replays.saturating_sub(unfinished);
+        stats.published = state.buffer.published;
+        stats.dead = dead;
+        stats.oldest_pending_at = state.buffer.oldest_pending_at();
+        Ok(stats)
     }
 }
 
