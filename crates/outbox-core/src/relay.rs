@@ -342,16 +342,16 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Publishes what was due when it started, then returns; for scheduled
-    /// relays (`outbox relay --once`, a Lambda on a timer). Writers that keep
-    /// writing do not keep it going, and events that fail wait for their next
-    /// attempt in a later run. A target that is down ends it at once, with
+    /// Publishes what was written when it started and is due, then returns;
+    /// for scheduled relays (`outbox relay --once`, a Lambda on a timer).
+    /// Writers that keep writing do not keep it going, and events that fail
+    /// wait for their next attempt unless it comes while the drain runs. A target that is down ends it at once, with
     /// the events deferred (see [`Relay::outage`]).
     pub async fn drain(&self) -> Result<BatchReport, StoreError> {
-        let due_by = Utc::now();
+        let started = Utc::now();
         let mut total = BatchReport::default();
         loop {
-            let report = self.run_batch(None, Some(due_by), NO_SHUTDOWN).await?;
+            let report = self.run_batch(None, Some(started), NO_SHUTDOWN).await?;
             total.add(report);
             if report.claimed == 0 || report.deferred > 0 {
                 return Ok(total);
@@ -399,7 +399,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     async fn run_batch<F: Future<Output = ()> + ?Sized>(
         &self,
         deadline: Option<Instant>,
-        due_by: Option<DateTime<Utc>>,
+        written_before: Option<DateTime<Utc>>,
         mut shutdown: Option<&mut Shutdown<'_, F>>,
     ) -> Result<BatchReport, StoreError> {
         let started = Instant::now();
@@ -412,8 +412,8 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             self.config.batch_size
         };
         let mut request = ClaimRequest::new(limit, self.config.lease);
-        if let Some(due_by) = due_by {
-            request = request.due_by(due_by);
+        if let Some(at) = written_before {
+            request = request.written_before(at);
         }
         let claimed = self.source.claim(request).await.inspect_err(|_| {
             self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -639,9 +639,9 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             }
             disposition => {
                 let delay = match disposition {
-                    // The target knows best when it can take more, within
-                    // the policy's bound on any one delay.
-                    Disposition::RetryAfter(after) => after.min(self.config.retry.max_delay),
+                    // The target knows best when it can take more; only an
+                    // absurd answer is bounded.
+                    Disposition::RetryAfter(after) => after.min(time::MAX_RETRY_DELAY),
                     _ => self.config.retry.backoff(attempts),
                 };
                 let at = time::add(Utc::now(), delay);

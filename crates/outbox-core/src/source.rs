@@ -39,10 +39,12 @@ pub struct ClaimRequest {
     /// How long the claimed events stay reserved for this relay. A relay that
     /// dies holding a claim delays its events by at most this much.
     pub lease: Duration,
-    /// Claim only events due at or before this time (and never after now):
-    /// a drain takes what was due when it started, so writers that keep
-    /// writing cannot keep it going forever.
+    /// Claim only events due at or before this time (and never after now).
     pub due_by: Option<DateTime<Utc>>,
+    /// Claim only events written at or before this time: a drain takes what
+    /// was written when it started (and comes due while it runs), so writers
+    /// that keep writing cannot keep it going forever.
+    pub written_before: Option<DateTime<Utc>>,
 }
 
 impl ClaimRequest {
@@ -51,7 +53,13 @@ impl ClaimRequest {
             limit,
             lease,
             due_by: None,
+            written_before: None,
         }
+    }
+
+    pub fn written_before(mut self, at: DateTime<Utc>) -> Self {
+        self.written_before = Some(at);
+        self
     }
 
     pub fn due_by(mut self, at: DateTime<Utc>) -> Self {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use outbox_core::{Event, StoreError};
+use outbox_core::{DeadLetterPolicy, Event, StoreError};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, Notify};
@@ -42,6 +42,7 @@ pub struct SqliteOutbox {
     writer: Arc<Mutex<()>>,
     write_turn_timeout: Duration,
     max_payload_bytes: usize,
+    dead_letter_policy: DeadLetterPolicy,
 }
 
 impl SqliteOutbox {
@@ -105,6 +106,7 @@ impl SqliteOutbox {
             writer: Arc::new(Mutex::new(())),
             write_turn_timeout: WRITE_TURN_TIMEOUT,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            dead_letter_policy: DeadLetterPolicy::default(),
         })
     }
 
@@ -118,6 +120,14 @@ impl SqliteOutbox {
     /// Refuses payloads larger than `bytes` at append time.
     pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
         self.max_payload_bytes = bytes;
+        self
+    }
+
+    /// What a dead letter does to the later events of its aggregate: flow
+    /// past it (the default), or park the aggregate until the dead letter
+    /// is replayed or skipped.
+    pub fn dead_letter_policy(mut self, policy: DeadLetterPolicy) -> Self {
+        self.dead_letter_policy = policy;
         self
     }
 

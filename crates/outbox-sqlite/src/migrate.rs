@@ -8,7 +8,13 @@ use sqlx::SqlitePool;
 use crate::error::map;
 use outbox_core::StoreError;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_outbox_and_inbox.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_outbox_and_inbox.sql")),
+    (
+        2,
+        include_str!("../migrations/0002_skipped_dead_letters.sql"),
+    ),
+];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<(), StoreError> {
     // IMMEDIATE: two processes starting together migrate one after the other.

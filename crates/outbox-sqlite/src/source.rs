@@ -7,7 +7,8 @@ use crate::rows::{self, rows_as_json};
 use crate::SqliteOutbox;
 use chrono::{DateTime, SecondsFormat, Utc};
 use outbox_core::{
-    ClaimRequest, ClaimSource, Claimed, ClaimedEvent, LeaseId, Settlements, StoreError,
+    ClaimRequest, ClaimSource, Claimed, ClaimedEvent, DeadLetterPolicy, LeaseId, Malformed,
+    Settlements, StoreError,
 };
 
 pub(crate) fn format_time(t: &DateTime<Utc>) -> String {
@@ -41,6 +42,7 @@ const SETTLE_RETRY: &str =
     settle_sql!("attempts = attempts + 1, next_attempt_at = f.at, last_error = f.err");
 const SETTLE_DEAD: &str =
     settle_sql!("status = 'dead', attempts = attempts + 1, last_error = f.err");
+const SETTLE_DEFERRED: &str = settle_sql!("next_attempt_at = f.at, last_error = f.err");
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -52,13 +54,20 @@ impl ClaimSource for SqliteOutbox {
 
     async fn claim(&self, request: ClaimRequest) -> Result<Claimed<i64>, StoreError> {
         let lease = LeaseId::new();
-        let now = Utc::now().timestamp_millis();
+        let now = Utc::now();
+        let cutoff = request.due_cutoff(now).timestamp_millis();
+        let now = now.timestamp_millis();
+        let sql = match self.dead_letter_policy {
+            DeadLetterPolicy::Park => CLAIMABLE_PARKED,
+            _ => CLAIMABLE,
+        };
         // Read and lease in one IMMEDIATE transaction, so two relays (even in
         // two processes) never take the same events.
         let mut tx = self.begin().await?;
-        let json: String = sqlx::query_scalar(CLAIMABLE)
-            .bind(now)
+        let json: String = sqlx::query_scalar(sql)
+            .bind(cutoff)
             .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
+            .bind(request.written_before.map(|at| at.timestamp_millis()))
             .fetch_one(&mut *tx)
             .await
             .map_err(map)?;
@@ -80,6 +89,7 @@ impl ClaimSource for SqliteOutbox {
         .execute(&mut *tx)
         .await
         .map_err(map)?;
+        tx.commit().await?;
 
         let mut events = Vec::with_capacity(rows.len());
         let mut malformed = Vec::new();
@@ -90,28 +100,13 @@ impl ClaimSource for SqliteOutbox {
                     stored.attempts,
                     stored.position,
                 )),
-                Err((position, e)) => malformed.push((position, e.to_string())),
+                // Leased like the rest; the relay dead-letters it alone.
+                Err(bad) => malformed.push(Malformed::new(bad.position, bad.reason)),
             }
         }
-        if !malformed.is_empty() {
-            // A row that cannot be decoded would fail every claim forever:
-            // dead-letter it, visibly, and carry on with the rest.
-            tracing::error!(
-                count = malformed.len(),
-                "outbox: dead-lettering malformed rows"
-            );
-            let rows = rows_json(malformed.iter().map(|(p, e)| (*p, None, Some(e.as_str()))))?;
-            sqlx::query(SETTLE_DEAD)
-                .bind(rows)
-                .bind(lease.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(map)?;
-        }
-        tx.commit().await?;
         // An aggregate in JSON gives no order; the relay needs write order.
         events.sort_unstable_by_key(|c| c.receipt);
-        Ok(Claimed::new(lease, events))
+        Ok(Claimed::new(lease, events).with_malformed(malformed))
     }
 
     async fn settle(&self, lease: LeaseId, s: Settlements<i64>) -> Result<u64, StoreError> {
@@ -140,6 +135,14 @@ impl ClaimSource for SqliteOutbox {
                 SETTLE_DEAD,
                 rows_json(s.dead.iter().map(|(p, e)| (*p, None, Some(e.as_str()))))?,
             ),
+            (
+                SETTLE_DEFERRED,
+                rows_json(
+                    s.deferred
+                        .iter()
+                        .map(|(p, at, e)| (*p, Some(at.timestamp_millis()), Some(e.as_str()))),
+                )?,
+            ),
         ];
         let lease = lease.to_string();
         let mut tx = self.begin().await?;
@@ -163,19 +166,39 @@ impl ClaimSource for SqliteOutbox {
     }
 }
 
-/// Pending events that are due and that no earlier pending event of their
-/// aggregate holds back (backing off, or claimed by another relay); the
-/// first `?2` of them in write order give each aggregate a prefix of its queue.
-const CLAIMABLE: &str = rows_as_json!(
-    "SELECT * FROM outbox AS o
-     WHERE o.status = 'pending' AND o.next_attempt_at <= ?1
-       AND NOT EXISTS (
-         SELECT 1 FROM outbox AS held
-         WHERE held.status = 'pending'
-           AND held.aggregate_type = o.aggregate_type
-           AND held.aggregate_id = o.aggregate_id
-           AND held.next_attempt_at > ?1
-           AND held.position < o.position)
-     ORDER BY o.position
-     LIMIT ?2"
+/// Pending events due by `?1` (and written by `?3`, when given) that no
+/// earlier pending event of their aggregate holds back (not due by `?1`:
+/// backing off, or claimed by another relay); the first `?2` of them in
+/// write order give each aggregate a prefix of its queue.
+macro_rules! claimable {
+    ($parked:literal) => {
+        rows_as_json!(
+            "SELECT * FROM outbox AS o
+             WHERE o.status = 'pending' AND o.next_attempt_at <= ?1
+               AND (?3 IS NULL OR o.created_at <= ?3)
+               AND NOT EXISTS (
+                 SELECT 1 FROM outbox AS held
+                 WHERE held.status = 'pending'
+                   AND held.aggregate_type = o.aggregate_type
+                   AND held.aggregate_id = o.aggregate_id
+                   AND held.next_attempt_at > ?1
+                   AND held.position < o.position)",
+            $parked,
+            " ORDER BY o.position
+             LIMIT ?2"
+        )
+    };
+}
+
+const CLAIMABLE: &str = claimable!("");
+
+/// [`CLAIMABLE`], also holding back aggregates parked behind a dead letter
+/// ([`DeadLetterPolicy::Park`]) until it is replayed or skipped.
+const CLAIMABLE_PARKED: &str = claimable!(
+    " AND NOT EXISTS (
+        SELECT 1 FROM outbox AS dead
+        WHERE dead.status = 'dead' AND dead.skipped_at IS NULL
+          AND dead.aggregate_type = o.aggregate_type
+          AND dead.aggregate_id = o.aggregate_id
+          AND dead.position < o.position)"
 );

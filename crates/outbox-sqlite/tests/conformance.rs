@@ -1,6 +1,6 @@
 //! The SQLite store against the store conformance suite.
 
-use outbox_core::{Event, EventId, Inbox, Seen, StoreError};
+use outbox_core::{DeadLetterPolicy, Event, EventId, Inbox, Seen, StoreError};
 use outbox_sqlite::{SqliteInbox, SqliteOutbox};
 use outbox_testkit::{StoreFeatures, StoreHarness};
 
@@ -73,6 +73,32 @@ impl StoreHarness for Sqlite {
             tx.rollback().await?;
         }
         Ok(seen)
+    }
+
+    async fn write_malformed(&self, aggregate_id: &str) -> Result<bool, StoreError> {
+        // A BLOB where the schema promises text: before, one such row made
+        // every claim fail.
+        let mut tx = self.outbox.begin().await?;
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, aggregate_version, event_type,
+                payload, occurred_at, next_attempt_at, created_at)
+             VALUES (?1, 'Order', ?2, 1, 'OrderCreated', X'00FF10', '2026-01-01T00:00:00Z', 0, 0)",
+        )
+        .bind(EventId::new().to_string())
+        .bind(aggregate_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        self.outbox.commit(tx).await?;
+        Ok(true)
+    }
+
+    fn parking_store(&self) -> Option<SqliteOutbox> {
+        Some(
+            self.outbox
+                .clone()
+                .dead_letter_policy(DeadLetterPolicy::Park),
+        )
     }
 }
 

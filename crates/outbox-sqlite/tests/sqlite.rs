@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use outbox_core::{ClaimRequest, ClaimSource, DeadLetters, Event, Stats, StoreError};
+use outbox_core::{ClaimRequest, ClaimSource, DeadLetters, Event, Settlements, Stats, StoreError};
 use outbox_sqlite::SqliteOutbox;
 use outbox_testkit::order_event;
 
@@ -49,7 +49,7 @@ async fn reopening_does_not_migrate_twice_and_a_newer_schema_is_refused() {
         .fetch_all(outbox.pool())
         .await
         .unwrap();
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
     sqlx::query("INSERT INTO outbox_schema_migrations (version) VALUES (99)")
         .execute(outbox.pool())
         .await
@@ -107,29 +107,34 @@ async fn claim_uses_the_pending_indexes() {
     );
 }
 
+/// Whatever is wrong with a row, it is refused alone, named, and listed.
 #[tokio::test]
-async fn a_malformed_row_is_dead_lettered_and_the_rest_still_flows() {
+async fn every_kind_of_malformed_row_is_refused_alone_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = open(&dir).await;
+    let damage = [
+        ("blob", "UPDATE outbox SET payload = X'00FF' WHERE aggregate_id = 'blob'", "payload holds a BLOB of 2 bytes"),
+        ("json", "UPDATE outbox SET payload = '{broken' WHERE aggregate_id = 'json'", "payload"),
+        ("uuid", "UPDATE outbox SET id = 'not-a-uuid' WHERE aggregate_id = 'uuid'", "not a UUID"),
+        ("zero", "UPDATE outbox SET aggregate_version = 0 WHERE aggregate_id = 'zero'", "aggregate_version"),
+        ("newline", "UPDATE outbox SET event_type = 'Order' || char(10) || 'Created' WHERE aggregate_id = 'newline'", "control characters"),
+        ("empty", "UPDATE outbox SET aggregate_id = '' WHERE aggregate_id = 'empty'", "aggregate_id"),
+        ("text-version", "UPDATE outbox SET aggregate_version = 'two' WHERE aggregate_id = 'text-version'", "aggregate_version holds"),
+    ];
     let mut tx = outbox.begin().await.unwrap();
-    outbox
-        .append(
-            &mut tx,
-            &[
-                order_event("a", 1, "OrderCreated"),
-                order_event("b", 1, "OrderCreated"),
-            ],
-        )
-        .await
-        .unwrap();
+    let mut events: Vec<Event> = damage
+        .iter()
+        .map(|(agg, _, _)| order_event(agg, 1, "OrderCreated"))
+        .collect();
+    events.push(order_event("fine", 1, "OrderCreated"));
+    outbox.append(&mut tx, &events).await.unwrap();
     outbox.commit(tx).await.unwrap();
-    sqlx::query("UPDATE outbox SET payload = '{broken' WHERE aggregate_id = 'a'")
-        .execute(outbox.pool())
-        .await
-        .unwrap();
+    for (_, sql, _) in &damage {
+        sqlx::query(*sql).execute(outbox.pool()).await.unwrap();
+    }
 
     let claimed = outbox
-        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .claim(ClaimRequest::new(20, Duration::from_secs(5)))
         .await
         .unwrap();
     let ids: Vec<&str> = claimed
@@ -137,18 +142,38 @@ async fn a_malformed_row_is_dead_lettered_and_the_rest_still_flows() {
         .iter()
         .map(|c| c.event.aggregate_id.as_str())
         .collect();
-    assert_eq!(ids, vec!["b"]);
-    let dead = outbox.dead_letters(10).await;
-    // The damaged row cannot be read back as an event: listing says so rather than hide it.
-    assert!(dead.is_err());
+    assert_eq!(ids, vec!["fine"]);
+    assert_eq!(claimed.malformed.len(), damage.len());
+    for (_, _, reason) in &damage {
+        assert!(
+            claimed.malformed.iter().any(|m| m.reason.contains(reason)),
+            "no malformed row says `{reason}`: {:?}",
+            claimed.malformed
+        );
+    }
+    // The relay settles them as dead; the listing shows them with their fields.
+    let mut settle = Settlements::default();
+    settle.published = claimed.events.iter().map(|c| c.receipt).collect();
+    settle.dead = claimed
+        .malformed
+        .iter()
+        .map(|m| (m.receipt, format!("malformed: {}", m.reason)))
+        .collect();
+    outbox.settle(claimed.lease, settle).await.unwrap();
+    let dead = outbox.dead_letters(20).await.unwrap();
+    assert_eq!(dead.len(), damage.len());
+    let blob = dead
+        .iter()
+        .find(|d| d.raw.as_ref().is_some_and(|r| r["aggregate_id"] == "blob"))
+        .expect("the BLOB row is listed");
+    assert!(blob.event.is_none());
+    assert_eq!(
+        blob.raw.as_ref().unwrap()["payload"],
+        serde_json::json!({ "blob": 2 })
+    );
+    assert!(blob.reference.starts_with("position "), "{blob:?}");
     let stats = outbox.stats().await.unwrap();
-    assert_eq!((stats.pending, stats.dead), (1, 1));
-    let error: String =
-        sqlx::query_scalar("SELECT last_error FROM outbox WHERE aggregate_id = 'a'")
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap();
-    assert!(error.contains("malformed outbox row"), "{error}");
+    assert_eq!((stats.pending, stats.dead, stats.published), (0, 7, 1));
 }
 
 /// A second write transaction begun while the first is open gets an error

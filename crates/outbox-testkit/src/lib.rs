@@ -1,11 +1,15 @@
 #![doc = include_str!("../README.md")]
 
 pub mod fault;
+pub mod memory_store;
+pub mod proxy;
 pub mod publisher;
 pub mod recording;
 pub mod store;
 
 pub use fault::{Chaos, Fault, FaultyPublisher, InjectedFaults};
+pub use memory_store::MemoryOutbox;
+pub use proxy::{FaultProxy, ProxyHandle};
 pub use publisher::{PublisherFeatures, PublisherHarness};
 pub use recording::RecordingPublisher;
 pub use store::{StoreFeatures, StoreHarness};

@@ -2,7 +2,10 @@
 //! real broker:
 //!
 //! ```text
-//! outbox_testkit::publisher_conformance!(MyHarness::new, outbox_testkit::PublisherFeatures::default());
+//! outbox_testkit::publisher_conformance!(
+//!     MyHarness::new,
+//!     outbox_testkit::PublisherFeatures::new().ordered(true).max_entry_bytes(MAX)
+//! );
 //! ```
 
 use std::collections::HashMap;
@@ -15,12 +18,56 @@ use outbox_core::{Disposition, Event, PublishRequest, Publisher};
 use crate::order_event;
 
 /// What a publisher promises beyond the common contract.
+///
+/// Build it with [`PublisherFeatures::new`] and the setters, so a promise
+/// added later does not break existing suites:
+///
+/// ```
+/// use outbox_testkit::PublisherFeatures;
+/// let features = PublisherFeatures::new().ordered(true).max_entry_bytes(256 * 1024);
+/// assert!(features.ordered && !features.broker_dedup);
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PublisherFeatures {
+    /// Events of one aggregate published in sequential calls arrive in that
+    /// order (a FIFO queue does; a standard SQS queue promises no order).
+    pub ordered: bool,
     /// The broker drops a second message with the same event id.
     pub broker_dedup: bool,
     /// Entries above this size are refused, each as a permanent failure.
     pub max_entry_bytes: Option<usize>,
+}
+
+impl PublisherFeatures {
+    /// No promise beyond the common contract.
+    pub const fn new() -> Self {
+        Self {
+            ordered: false,
+            broker_dedup: false,
+            max_entry_bytes: None,
+        }
+    }
+
+    /// Sets [`ordered`](Self::ordered).
+    #[must_use]
+    pub const fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
+    }
+
+    /// Sets [`broker_dedup`](Self::broker_dedup).
+    #[must_use]
+    pub const fn broker_dedup(mut self, broker_dedup: bool) -> Self {
+        self.broker_dedup = broker_dedup;
+        self
+    }
+
+    /// Sets [`max_entry_bytes`](Self::max_entry_bytes).
+    #[must_use]
+    pub const fn max_entry_bytes(mut self, max: usize) -> Self {
+        self.max_entry_bytes = Some(max);
+        self
+    }
 }
 
 /// A publisher under test and a subscriber on what it publishes to.
@@ -32,9 +79,21 @@ pub trait PublisherHarness: Send + Sync + 'static {
     /// Messages the subscriber got since the harness was made, parsed from
     /// their CloudEvent bodies, waiting up to `timeout` for at least `n`.
     fn receive(&self, n: usize, timeout: Duration) -> impl Future<Output = Vec<Received>> + Send;
+
+    /// An event the broker itself refuses, for good, as one entry of a call
+    /// whose other entries it accepts; `None` (the default) when the broker
+    /// has no such input. It must get past the publisher's own checks (a
+    /// size limit the publisher enforces before sending does not count):
+    /// the case is about reading the broker's answer entry by entry.
+    fn broker_rejected_event(&self) -> Option<Event> {
+        None
+    }
 }
 
 const WAIT: Duration = Duration::from_secs(10);
+
+/// How long to wait for a message that should not come.
+const QUIET: Duration = Duration::from_secs(1);
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", outbox_core::EventId::new())
@@ -68,8 +127,12 @@ pub async fn batch_is_delivered_whole<H: PublisherHarness>(h: H, _: PublisherFea
     }
 }
 
-/// Events of one aggregate published one call after another arrive in order.
-pub async fn sequential_calls_keep_order<H: PublisherHarness>(h: H, _: PublisherFeatures) {
+/// Events of one aggregate published one call after another arrive in order,
+/// where the broker promises order.
+pub async fn sequential_calls_keep_order<H: PublisherHarness>(h: H, features: PublisherFeatures) {
+    if !features.ordered {
+        return;
+    }
     let agg = unique("o");
     for v in 1..=5 {
         let e = order_event(&agg, v, "OrderUpdated");
@@ -89,13 +152,26 @@ pub async fn sequential_calls_keep_order<H: PublisherHarness>(h: H, _: Publisher
     assert_eq!(versions, vec![1, 2, 3, 4, 5]);
 }
 
-/// An empty call is answered with no results and sends nothing.
+/// An empty call is answered with no results and sends nothing: a marker
+/// published after it is the only message that arrives.
 pub async fn empty_batch_is_a_no_op<H: PublisherHarness>(h: H, _: PublisherFeatures) {
-    assert!(h
+    let results = h.publisher().publish(PublishRequest::new(&[])).await;
+    assert!(results.is_empty(), "{results:?}");
+    let marker = order_event(&unique("marker"), 1, "OrderCreated");
+    let results = h
         .publisher()
-        .publish(PublishRequest::new(&[]))
-        .await
-        .is_empty());
+        .publish(PublishRequest::new(std::slice::from_ref(&marker)))
+        .await;
+    assert!(results[0].is_ok(), "{results:?}");
+    let received = h.receive(1, WAIT).await;
+    assert!(
+        received.iter().any(|r| r.event.id == marker.id),
+        "the marker was not delivered"
+    );
+    // Anything the empty call sent could also come after the marker.
+    let received = h.receive(2, QUIET).await;
+    let ids: Vec<_> = received.iter().map(|r| r.event.id).collect();
+    assert_eq!(ids, vec![marker.id], "the empty call sent something");
 }
 
 /// The same event id published twice is delivered once.
@@ -138,13 +214,45 @@ pub async fn oversized_entry_fails_alone<H: PublisherHarness>(h: H, features: Pu
     assert!(received.iter().any(|r| r.event.id == small.id));
 }
 
+/// An entry the broker refuses fails alone, permanently: one result per
+/// entry, and the entries around it are delivered.
+pub async fn broker_rejection_fails_one_entry<H: PublisherHarness>(h: H, _: PublisherFeatures) {
+    let Some(rejected) = h.broker_rejected_event() else {
+        return;
+    };
+    let before = order_event(&unique("o"), 1, "OrderCreated");
+    let after = order_event(&unique("o"), 1, "OrderCreated");
+    let events = [before.clone(), rejected.clone(), after.clone()];
+    let results = h.publisher().publish(PublishRequest::new(&events)).await;
+    assert_eq!(results.len(), 3, "one result per entry: {results:?}");
+    assert!(results[0].is_ok(), "{results:?}");
+    assert!(results[2].is_ok(), "{results:?}");
+    let err = results[1]
+        .as_ref()
+        .expect_err("the broker accepted the entry it should refuse");
+    assert_eq!(err.disposition(), Disposition::Permanent, "{err}");
+    let received = h.receive(2, WAIT).await;
+    for e in [&before, &after] {
+        assert!(
+            received.iter().any(|r| r.event.id == e.id),
+            "event {} not delivered",
+            e.id
+        );
+    }
+    assert!(
+        !received.iter().any(|r| r.event.id == rejected.id),
+        "the refused entry was delivered"
+    );
+}
+
 /// Runs every case of the publisher suite as its own test.
 #[macro_export]
 macro_rules! publisher_conformance {
     ($make:expr, $features:expr) => {
         $crate::publisher_conformance!(@cases $make, $features;
             batch_is_delivered_whole, sequential_calls_keep_order, empty_batch_is_a_no_op,
-            broker_drops_duplicates, oversized_entry_fails_alone);
+            broker_drops_duplicates, oversized_entry_fails_alone,
+            broker_rejection_fails_one_entry);
     };
     (@cases $make:expr, $features:expr; $($case:ident),+) => {
         mod publisher_conformance {

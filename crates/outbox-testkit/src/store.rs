@@ -69,6 +69,24 @@ pub trait StoreHarness: Send + Sync + 'static {
         id: EventId,
         commit: bool,
     ) -> impl Future<Output = Result<Seen, StoreError>> + Send;
+
+    /// Stores, as a hand edit or another program could, an entry of
+    /// aggregate `Order`/`aggregate_id` that cannot be read as an event
+    /// (a BLOB payload, a broken id...). `false` if the store has no way to
+    /// hold one; the case is then skipped.
+    fn write_malformed(
+        &self,
+        aggregate_id: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = aggregate_id;
+        std::future::ready(Ok(false))
+    }
+
+    /// The same store with [`outbox_core::DeadLetterPolicy::Park`], if it
+    /// offers that policy.
+    fn parking_store(&self) -> Option<Self::Store> {
+        None
+    }
 }
 
 fn fast_retry() -> RetryPolicy {
@@ -324,18 +342,31 @@ pub async fn retry_after_is_honoured<H: StoreHarness>(h: H, _: StoreFeatures) {
 
 /// A publish call that hangs past the publish timeout counts as a transient
 /// failure: the event is retried, not lost and not dead-lettered.
-pub async fn publish_timeout_is_a_transient_failure<H: StoreHarness>(h: H, _: StoreFeatures) {
+pub async fn publish_timeout_spends_no_attempt<H: StoreHarness>(h: H, _: StoreFeatures) {
     let e = order_event("a", 1, "OrderCreated");
     commit(&h, "a", std::slice::from_ref(&e)).await;
     let publisher = FaultyPublisher::new(RecordingPublisher::new());
     publisher.script(e.id, [Fault::Hang(Duration::from_secs(5))]);
     let config = relay_config()
         .publish_timeout(Duration::from_millis(100))
+        .settle_margin(Duration::from_millis(100))
+        .max_outage_pause(Duration::from_millis(50))
         .lease(Duration::from_secs(2));
     let relay = Relay::new(h.store(), publisher.clone(), config).expect("relay");
     let report = relay.run_once().await.expect("run once");
-    assert_eq!(report.retried, 1, "{report:?}");
+    // A call that never answers says nothing about the event: the target
+    // is down, the event waits, no attempt is spent.
+    assert_eq!((report.deferred, report.retried), (1, 0), "{report:?}");
+    assert!(relay.outage().is_some());
     assert!(publisher.inner().received().is_empty());
+    let waiting = stats(&h).await;
+    assert!(
+        waiting
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out")),
+        "the outage is not visible in stats: {waiting:?}"
+    );
     drain_until_settled(&relay, Duration::from_secs(5)).await;
     assert_eq!(
         publisher.inner().received().len(),
@@ -344,14 +375,250 @@ pub async fn publish_timeout_is_a_transient_failure<H: StoreHarness>(h: H, _: St
         stats(&h).await,
         relay.metrics()
     );
+    assert!(relay.outage().is_none(), "the outage did not end");
+    assert_eq!(stats(&h).await.dead, 0);
+}
+
+/// A target that is down for longer than the whole retry budget
+/// dead-letters nothing: its events wait, the relay probes, and everything
+/// flows, in order, once it is back.
+pub async fn outage_dead_letters_nothing<H: StoreHarness>(h: H, _: StoreFeatures) {
+    for a in 0..4 {
+        let events: Vec<_> = (1..=3)
+            .map(|v| order_event(&format!("a{a}"), v, "OrderUpdated"))
+            .collect();
+        commit(&h, &format!("a{a}"), &events).await;
+    }
+    let publisher = RecordingPublisher::new();
+    publisher.go_down("connection refused");
+    let config = relay_config()
+        .max_attempts(2)
+        .idle_poll(Duration::from_millis(10))
+        .max_outage_pause(Duration::from_millis(40));
+    let relay = Relay::new(h.store(), publisher.clone(), config).expect("relay");
+    let running = async {
+        // Far more probes than attempts allowed per event.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(relay.outage().is_some(), "no outage seen");
+        let during = stats(&h).await;
+        assert_eq!(during.dead, 0, "an outage dead-lettered events: {during:?}");
+        assert_eq!(during.pending, 12);
+        assert!(
+            during
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("connection refused")),
+            "{during:?}"
+        );
+        assert!(
+            publisher.calls_while_down() >= 4,
+            "the target was not probed"
+        );
+        publisher.come_back();
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while stats(&h).await.pending > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        report = relay.run(std::future::pending()) => panic!("relay stopped: {report:?}"),
+        () = running => {}
+    }
+    let s = stats(&h).await;
+    assert_eq!((s.pending, s.dead, s.published), (0, 0, 12), "{s:?}");
+    assert_in_aggregate_order(&publisher.versions());
+    assert!(
+        relay
+            .metrics()
+            .outages
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+/// No publish call runs past the claim's lease: a batch slower than its
+/// lease releases what it has not sent, so a second relay taking the
+/// events after the lease never publishes one the first is still sending.
+pub async fn batch_never_outlives_its_lease<H: StoreHarness>(h: H, features: StoreFeatures) {
+    if !features.concurrent_relays {
+        return;
+    }
+    let events: Vec<_> = (1..=12)
+        .map(|v| order_event("deep", v, "OrderUpdated"))
+        .collect();
+    commit(&h, "deep", &events).await;
+    // 12 waves of 100 ms do not fit a 500 ms lease.
+    let publisher = RecordingPublisher::new().with_latency(Duration::from_millis(100));
+    let config = relay_config()
+        .lease(Duration::from_millis(500))
+        .publish_timeout(Duration::from_millis(200))
+        .settle_margin(Duration::from_millis(100));
+    let first = Relay::new(h.store(), publisher.clone(), config.clone()).expect("relay");
+    let second = Relay::new(h.store(), publisher.clone(), config).expect("relay");
+    let started = tokio::time::Instant::now();
+    let report = first.run_once().await.expect("run once");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the batch outlived its lease: {:?}",
+        started.elapsed()
+    );
+    assert!(report.released > 0 && report.published >= 2, "{report:?}");
+    // Both relays now race for the rest.
+    let (a, b) = tokio::join!(
+        drain_until_settled(&first, Duration::from_secs(10)),
+        drain_until_settled(&second, Duration::from_secs(10))
+    );
+    let _ = (a, b);
+    let versions = publisher.versions();
     assert_eq!(
-        publisher
-            .injected()
-            .hangs
-            .load(std::sync::atomic::Ordering::Relaxed),
+        versions.len(),
+        12,
+        "an event was published twice or lost: {versions:?}"
+    );
+    assert_in_aggregate_order(&versions);
+}
+
+/// A drain takes what was due when it started: writers that keep writing
+/// do not keep it going.
+pub async fn drain_ends_while_writers_keep_writing<H: StoreHarness>(h: H, _: StoreFeatures) {
+    for a in 0..20 {
+        commit(
+            &h,
+            &format!("before-{a}"),
+            &[order_event(&format!("b{a}"), 1, "OrderCreated")],
+        )
+        .await;
+    }
+    let publisher = RecordingPublisher::new().with_latency(Duration::from_millis(2));
+    let relay =
+        Relay::new(h.store(), publisher.clone(), relay_config().batch_size(5)).expect("relay");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let writer = async {
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            commit(
+                &h,
+                &format!("during-{n}"),
+                &[order_event(&format!("w{n}"), 1, "OrderCreated")],
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        n
+    };
+    let drain = async {
+        let report = tokio::time::timeout(Duration::from_secs(20), relay.drain())
+            .await
+            .expect("drain never ended while writers kept writing")
+            .expect("drain");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        report
+    };
+    let (report, written) = tokio::join!(drain, writer);
+    assert!(written > 0);
+    assert!(report.published >= 20, "{report:?}");
+    let published: std::collections::HashSet<String> =
+        publisher.versions().into_iter().map(|(a, _)| a).collect();
+    for a in 0..20 {
+        assert!(
+            published.contains(&format!("b{a}")),
+            "b{a} was due at the start and not drained"
+        );
+    }
+}
+
+/// An entry the relay cannot read is dead-lettered alone, with its reason
+/// and raw fields listed; everything else flows.
+pub async fn malformed_entry_is_dead_lettered_alone<H: StoreHarness>(h: H, _: StoreFeatures) {
+    commit(&h, "a", &[order_event("a", 1, "OrderCreated")]).await;
+    if !h.write_malformed("bad").await.expect("write malformed") {
+        return;
+    }
+    commit(
+        &h,
+        "b",
+        &[
+            order_event("b", 1, "OrderCreated"),
+            order_event("b", 2, "OrderPaid"),
+        ],
+    )
+    .await;
+    let publisher = RecordingPublisher::new();
+    let relay = Relay::new(h.store(), publisher.clone(), relay_config()).expect("relay");
+    let report = relay.drain().await.expect("drain");
+    assert_eq!((report.malformed, report.published), (1, 3), "{report:?}");
+    let s = stats(&h).await;
+    assert_eq!((s.pending, s.dead, s.published), (0, 1, 3), "{s:?}");
+    let dead = h.store().dead_letters(10).await.expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].event.is_none() && dead[0].raw.is_some(), "{dead:?}");
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("malformed:")),
+        "{dead:?}"
+    );
+}
+
+/// With the park policy, an aggregate waits behind its dead letter until
+/// the dead letter is replayed (then it goes first) or skipped.
+pub async fn parked_aggregate_waits_for_its_dead_letter<H: StoreHarness>(h: H, _: StoreFeatures) {
+    let Some(store) = h.parking_store() else {
+        return;
+    };
+    let events: Vec<_> = (1..=3)
+        .map(|v| order_event("p", v, "OrderUpdated"))
+        .collect();
+    commit(&h, "p", &events).await;
+    commit(&h, "q", &[order_event("q", 1, "OrderCreated")]).await;
+    let publisher = FaultyPublisher::new(RecordingPublisher::new());
+    publisher.script(events[0].id, [Fault::Permanent]);
+    let relay = Relay::new(store.clone(), publisher.clone(), relay_config()).expect("relay");
+    relay.drain().await.expect("drain");
+    assert_eq!(
+        publisher.inner().versions(),
+        vec![("q".to_owned(), 1)],
+        "parked events flowed"
+    );
+    assert_eq!(stats(&h).await.pending, 2);
+    assert_eq!(
+        store
+            .replay(ReplaySelector::Ids(vec![events[0].id]))
+            .await
+            .expect("replay"),
         1
     );
-    assert_eq!(stats(&h).await.dead, 0);
+    relay.drain().await.expect("drain");
+    let p: Vec<u64> = publisher
+        .inner()
+        .versions()
+        .into_iter()
+        .filter(|(a, _)| a == "p")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(p, vec![1, 2, 3], "the replayed dead letter must go first");
+
+    // Skipping lets the aggregate flow without it.
+    let more: Vec<_> = (4..=5)
+        .map(|v| order_event("p", v, "OrderUpdated"))
+        .collect();
+    commit(&h, "p2", &more).await;
+    publisher.script(more[0].id, [Fault::Permanent]);
+    relay.drain().await.expect("drain");
+    assert_eq!(stats(&h).await.pending, 1);
+    assert_eq!(
+        store
+            .skip(ReplaySelector::Ids(vec![more[0].id]))
+            .await
+            .expect("skip"),
+        1
+    );
+    relay.drain().await.expect("drain");
+    let s = stats(&h).await;
+    assert_eq!((s.pending, s.dead), (0, 0), "{s:?}");
+    assert!(publisher.inner().versions().contains(&("p".to_owned(), 5)));
 }
 
 /// A permanent failure dead-letters the event at once, with its error; the
@@ -646,7 +913,9 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@cases $make, $features;
             atomic_with_business_change, invalid_events_write_nothing, version_conflict_is_refused,
             publishes_in_aggregate_order, failure_holds_back_only_its_aggregate, retry_after_is_honoured,
-            publish_timeout_is_a_transient_failure,
+            publish_timeout_spends_no_attempt, outage_dead_letters_nothing,
+            batch_never_outlives_its_lease, drain_ends_while_writers_keep_writing,
+            malformed_entry_is_dead_lettered_alone, parked_aggregate_waits_for_its_dead_letter,
             dead_letter_then_replay, attempts_run_out, expired_lease_is_reclaimed,
             released_events_are_due_again, shutdown_releases_in_flight_work,
             concurrent_relays_keep_order, purge_removes_only_old_published, inbox_deduplicates);

@@ -50,7 +50,8 @@ impl PublisherHarness for Memory {
     }
 }
 
-outbox_testkit::publisher_conformance!(Memory::new, PublisherFeatures::default());
+// One in-process FIFO channel: order is kept; nothing is ever refused.
+outbox_testkit::publisher_conformance!(Memory::new, PublisherFeatures::new().ordered(true));
 
 #[tokio::test]
 async fn scripted_faults_come_in_order_then_stop() {
