@@ -459,6 +459,8 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         let mut blocked = vec![false; aggregates];
         let mut stopping = false;
         let mut target_down: Option<PublishError> = None;
+        // Whether the target answered any call of this batch.
+        let mut answered = false;
         let mut deadline_hit = false;
         for wave in waves {
             stopping = stopping || shutdown.as_mut().is_some_and(|s| s.fired());
@@ -485,6 +487,11 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             for ((event, (aggregate, attempts, receipt)), result) in
                 events.iter().zip(tickets).zip(results)
             {
+                answered |= match &result {
+                    Outcome::Sent(Ok(())) => true,
+                    Outcome::Sent(Err(e)) => !e.is_target_failure(),
+                    Outcome::Cut => false,
+                };
                 match result {
                     Outcome::Sent(Ok(())) => settlements.published.push(receipt),
                     Outcome::Cut => {
@@ -515,7 +522,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         }
         self.track_outage(
             target_down.as_ref(),
-            settlements.published.len(),
+            answered,
             &mut settlements,
         );
 
@@ -573,7 +580,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     fn track_outage(
         &self,
         failure: Option<&PublishError>,
-        published: usize,
+        answered: bool,
         settlements: &mut Settlements<S::Receipt>,
     ) {
         let Ok(mut outage) = self.outage.lock() else {
@@ -603,7 +610,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                     pause,
                 });
             }
-            None if published > 0 => {
+            None if answered => {
                 if let Some(ended) = outage.take() {
                     let lasted = time::until(ended.since, Utc::now());
                     tracing::info!(lasted = ?lasted, "relay: target available again");
