@@ -58,7 +58,8 @@ impl DynamoInbox {
     /// Creates the table (key `pk` S + `sk` S, TTL on `expires_at`) unless it
     /// exists, and waits until it is ACTIVE.
     pub async fn create_table_if_missing(&self) -> Result<(), StoreError> {
-        crate::tables::create_string_pair_table(&self.client, &self.table, EXPIRES_AT).await
+        crate::tables::create_string_key_table(&self.client, &self.table, PK, SK, Some(EXPIRES_AT))
+            .await
     }
 
     /// A transaction for a consumer that emits no events; one from

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod attr;
 pub mod dead_letters;
 pub mod error;
 pub mod inbox;

@@ -1,4 +1,5 @@
-//! Table creation for both outbox shapes and the inbox.
+//! Table creation, in one place: both outbox shapes, the inbox, the
+//! dead-letter and checkpoint tables.
 
 use std::time::Duration;
 
@@ -12,9 +13,10 @@ use outbox_core::StoreError;
 
 use crate::error::build_error;
 use crate::item::PK;
+use crate::polling::SK;
 use crate::polling::{
     DEAD_INDEX, DEAD_KEY, EXPIRES_AT, PENDING_INDEX, PENDING_KEY, POSITION, PUBLISHED_AT,
-    PUBLISHED_INDEX, PUBLISHED_KEY, SK,
+    PUBLISHED_INDEX, PUBLISHED_KEY,
 };
 
 /// How long to wait for a new table to become ACTIVE.
@@ -132,24 +134,27 @@ pub(crate) async fn create_polling_table(client: &Client, table: &str) -> Result
     Ok(())
 }
 
-/// A table keyed by `pk` (S) + `sk` (S), on-demand, with TTL on `ttl_attribute`.
-pub(crate) async fn create_string_pair_table(
+/// A table keyed by two strings (`partition` + `sort`), on-demand, with TTL
+/// on `ttl_attribute` if given: the inbox, the dead letters, the checkpoints.
+pub(crate) async fn create_string_key_table(
     client: &Client,
     table: &str,
-    ttl_attribute: &str,
+    partition: &str,
+    sort: &str,
+    ttl_attribute: Option<&str>,
 ) -> Result<(), StoreError> {
     let request = client
         .create_table()
         .table_name(table)
         .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attribute(PK, ScalarAttributeType::S)?)
-        .attribute_definitions(attribute(SK, ScalarAttributeType::S)?)
-        .key_schema(key(PK, KeyType::Hash)?)
-        .key_schema(key(SK, KeyType::Range)?);
+        .attribute_definitions(attribute(partition, ScalarAttributeType::S)?)
+        .attribute_definitions(attribute(sort, ScalarAttributeType::S)?)
+        .key_schema(key(partition, KeyType::Hash)?)
+        .key_schema(key(sort, KeyType::Range)?);
     let created = created(table, request.send().await)?;
     wait_active(client, table).await?;
-    if created {
-        enable_ttl(client, table, ttl_attribute).await?;
+    if let (true, Some(ttl)) = (created, ttl_attribute) {
+        enable_ttl(client, table, ttl).await?;
     }
     Ok(())
 }

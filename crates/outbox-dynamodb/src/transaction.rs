@@ -22,6 +22,7 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use outbox_core::{Event, EventId, InvalidEvent};
 
+use crate::attr::{n, s};
 use crate::error::TransactError;
 use crate::item::{
     self, aggregate_key, AGGREGATE_ID, AGGREGATE_TYPE, COMMITTED_AT, EVENTS, PK, VERSION,
@@ -324,14 +325,6 @@ impl Group {
             "attribute_not_exists(#pk) OR #v = :prev"
         }
     }
-}
-
-fn n(value: impl ToString) -> AttributeValue {
-    AttributeValue::N(value.to_string())
-}
-
-fn s(value: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(value.into())
 }
 
 fn internal(e: aws_smithy_types::error::operation::BuildError) -> TransactError {

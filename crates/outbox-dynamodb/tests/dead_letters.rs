@@ -95,13 +95,13 @@ async fn puts_are_idempotent() {
 #[tokio::test]
 async fn malformed_records_are_kept() {
     let t = table().await;
-    t.put_malformed("200", r#"{"eventName":"INSERT"}"#, "bad events")
+    t.put_malformed("shard-1", "200", r#"{"eventName":"INSERT"}"#, "bad events")
         .await
         .unwrap();
-    t.put_malformed("1000", r#"{"x":1}"#, "other")
+    t.put_malformed("shard-1", "1000", r#"{"x":1}"#, "other")
         .await
         .unwrap();
-    t.put_malformed("200", r#"{"eventName":"INSERT"}"#, "bad events")
+    t.put_malformed("shard-1", "200", r#"{"eventName":"INSERT"}"#, "bad events")
         .await
         .unwrap();
     let kept = t.malformed(10).await.unwrap();
@@ -113,6 +113,68 @@ async fn malformed_records_are_kept() {
     );
     assert_eq!(kept[0].raw_record, r#"{"eventName":"INSERT"}"#);
     assert_eq!(kept[0].error, "bad events");
-    // Malformed records are not event dead letters.
+    // Malformed records are not event dead letters, but they are listed.
     assert_eq!(t.count_dead().await.unwrap(), 0);
+    assert_eq!(t.count_malformed().await.unwrap(), 2);
+    let letters = t.dead_letters(10).await.unwrap();
+    let refs: Vec<_> = letters.iter().map(|l| l.reference.as_str()).collect();
+    assert_eq!(refs, vec!["shard-1/200", "shard-1/1000"]);
+    assert!(letters[0].event.is_none());
+    assert_eq!(
+        letters[0].raw.as_ref().unwrap(),
+        &serde_json::json!({"eventName": "INSERT"})
+    );
+    assert_eq!(
+        letters[0].last_error.as_deref(),
+        Some("malformed: bad events")
+    );
+}
+
+#[tokio::test]
+async fn oversize_malformed_record_is_kept_cut_with_its_size() {
+    let t = table().await;
+    // Over DynamoDB's 400 KB item limit as it came.
+    let raw = format!(r#"{{"blob":"{}"}}"#, "é".repeat(250 * 1024));
+    assert!(raw.len() > 400 * 1024);
+    t.put_malformed("shard-9", "77", &raw, "too big to decode")
+        .await
+        .expect("an oversize record is stored, cut");
+    let kept = t.malformed(10).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    let m = &kept[0];
+    assert!(m.truncated);
+    assert_eq!(m.raw_size, raw.len() as u64);
+    assert_eq!(m.shard.as_deref(), Some("shard-9"));
+    assert_eq!(m.sequence_number, "77");
+    assert!(m.raw_record.len() <= outbox_dynamodb::dead_letters::MAX_RAW_BYTES);
+    assert!(raw.starts_with(&m.raw_record));
+    let letters = t.dead_letters(10).await.unwrap();
+    let raw_letter = letters[0].raw.as_ref().unwrap();
+    assert_eq!(raw_letter["truncated"], true);
+    assert_eq!(raw_letter["size"], raw.len() as u64);
+    assert_eq!(letters[0].reference, "shard-9/77");
+}
+
+#[tokio::test]
+async fn skipped_dead_letters_leave_the_listing() {
+    let t = table().await;
+    let a = order_event("a", 1, "OrderCreated");
+    let b = order_event("b", 1, "OrderCreated");
+    t.put_events(&[(a.clone(), 3, "x".into()), (b.clone(), 3, "y".into())])
+        .await
+        .unwrap();
+    assert_eq!(t.skip(ReplaySelector::Ids(vec![a.id])).await.unwrap(), 1);
+    assert_eq!(t.skip(ReplaySelector::Ids(vec![a.id])).await.unwrap(), 0);
+    let left: Vec<_> = t
+        .dead_letters(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.reference)
+        .collect();
+    assert_eq!(left, vec![b.id.to_string()]);
+    assert!(
+        t.take_replays(10).await.unwrap().is_empty(),
+        "a skip is no replay"
+    );
 }

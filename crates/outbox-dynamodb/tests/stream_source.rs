@@ -450,3 +450,111 @@ async fn one_relay_per_consumer() {
     tokio::time::sleep(Duration::from_millis(900)).await;
     next.poll_stream().await.unwrap();
 }
+
+#[tokio::test]
+async fn dead_letter_write_of_a_relay_that_lost_the_lease_is_refused() {
+    let s = setup().await;
+    s.commit(&[order_event("fenced", 1, "OrderCreated")]).await;
+    let first = s.source().lease_ttl(Duration::from_millis(300));
+    let claim = ClaimRequest::new(10, Duration::from_secs(30));
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let claimed = loop {
+        let c = first.claim(claim).await.unwrap();
+        if !c.events.is_empty() {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < until, "event never read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The first relay stalls past its lease; a second one takes the stream.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = s.source();
+    second.poll_stream().await.unwrap();
+
+    let mut dead = outbox_core::Settlements::default();
+    dead.dead = vec![(claimed.events[0].receipt, "permanent: refused".to_owned())];
+    assert_eq!(first.settle(claimed.lease, dead).await.unwrap(), 0);
+    assert!(
+        second.dead_letters(10).await.unwrap().is_empty(),
+        "a relay without the lease wrote a dead letter"
+    );
+    assert_eq!(second.stats().await.unwrap().dead, 0);
+
+    // The owner publishes it.
+    let publisher = RecordingPublisher::new();
+    let relay = Relay::new(second.clone(), publisher.clone(), config()).unwrap();
+    run_until(&relay, Duration::from_secs(20), || {
+        publisher.received().len() == 1
+    })
+    .await;
+    assert_eq!(publisher.versions(), vec![("fenced".to_owned(), 1)]);
+}
+
+#[tokio::test]
+async fn trimmed_checkpoint_is_a_recorded_loss() {
+    let s = setup().await;
+    s.commit(&[order_event("t", 1, "OrderCreated")]).await;
+    let publisher = RecordingPublisher::new();
+    let first = s.source();
+    let relay = Relay::new(first.clone(), publisher.clone(), config()).unwrap();
+    run_until(&relay, Duration::from_secs(20), || {
+        publisher.received().len() == 1
+    })
+    .await;
+    first.release().await.unwrap();
+
+    // The checkpoint now points before anything the shard holds, as one
+    // does after the stream's 24-hour retention passed it by.
+    let checkpoints = format!("{}-checkpoints", s.outbox);
+    let items = s
+        .client
+        .query()
+        .table_name(&checkpoints)
+        .key_condition_expression("#c = :c")
+        .expression_attribute_names("#c", "consumer")
+        .expression_attribute_values(":c", AttributeValue::S("relay".into()))
+        .send()
+        .await
+        .unwrap()
+        .items
+        .unwrap();
+    let shard = items
+        .iter()
+        .filter_map(|i| i.get("shard").and_then(|v| v.as_s().ok()))
+        .find(|id| !id.starts_with('#'))
+        .unwrap()
+        .clone();
+    let old = "000000000000000000001";
+    s.client
+        .update_item()
+        .table_name(&checkpoints)
+        .key("consumer", AttributeValue::S("relay".into()))
+        .key("shard", AttributeValue::S(shard.clone()))
+        .update_expression("SET sequence_number = :s")
+        .expression_attribute_values(":s", AttributeValue::S(old.into()))
+        .send()
+        .await
+        .unwrap();
+    s.commit(&[order_event("t", 2, "OrderShipped")]).await;
+
+    let second = s.source();
+    let relay = Relay::new(second.clone(), publisher.clone(), config()).unwrap();
+    run_until(&relay, Duration::from_secs(20), || {
+        publisher.versions().contains(&("t".to_owned(), 2))
+    })
+    .await;
+    let stats = second.stats().await.unwrap();
+    assert_eq!(stats.lost, 1, "{stats:?}");
+    let letters = second.dead_letters(10).await.unwrap();
+    let lost: Vec<_> = letters
+        .iter()
+        .filter(|l| l.reference.starts_with("lost "))
+        .collect();
+    assert_eq!(lost.len(), 1, "{letters:?}");
+    assert!(lost[0].reference.contains(&shard), "{:?}", lost[0]);
+    assert_eq!(lost[0].raw.as_ref().unwrap()["after_sequence_number"], old);
+    // Read again from the trim horizon: nothing after the gap is lost.
+    assert!(publisher.versions().contains(&("t".to_owned(), 2)));
+    // Another process sees the loss too.
+    assert_eq!(s.source().stats().await.unwrap().lost, 1);
+}

@@ -1,30 +1,19 @@
 //! The operator's side of the polling shape: counts, dead letters, purging.
 //! Everything reads a sparse index, never the whole table.
 
-use std::collections::HashMap;
-
-use aws_sdk_dynamodb::types::{AttributeValue, Select};
+use aws_sdk_dynamodb::types::Select;
 use chrono::{DateTime, Utc};
 use futures_util::{stream, StreamExt, TryStreamExt};
 use outbox_core::{DeadLetter, DeadLetters, OutboxStats, Purge, ReplaySelector, Stats, StoreError};
 
-use super::source::{now_ms, number, string, PollingOutbox};
+use super::source::{read_event, PollingOutbox};
 use super::*;
+use crate::attr::{item_json, n, now_ms, number, s, string, Item};
 use crate::error::is_condition_failed;
-use crate::item::{decode_event, PK};
+use crate::item::PK;
 
 /// Single-item writes in flight at once when replaying or purging.
 const CONCURRENCY: usize = 16;
-
-type Item = HashMap<String, AttributeValue>;
-
-fn s(value: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(value.into())
-}
-
-fn n(value: impl ToString) -> AttributeValue {
-    AttributeValue::N(value.to_string())
-}
 
 impl PollingOutbox {
     /// How many items an index holds, counted by DynamoDB (`Select=COUNT`).
@@ -137,61 +126,48 @@ impl Stats for PollingOutbox {
             .send()
             .await
             .map_err(|e| outbox_aws::store_error("Query (oldest pending)", e))?;
-        let oldest_pending_at = oldest
-            .items()
-            .first()
+        let oldest_item = oldest.items().first();
+        let oldest_pending_at = oldest_item
             .and_then(|item| number(item, POSITION))
             .and_then(|p| DateTime::from_timestamp_millis(p / POSITION_SCALE));
+        // The index holds keys only: the oldest pending event's error (an
+        // outage shows there first) is one more read.
+        let last_error = match oldest_item.and_then(item_key) {
+            Some((pk, version)) => self
+                .client()
+                .get_item()
+                .table_name(self.table())
+                .set_key(Some(Self::key(&pk, version)))
+                .projection_expression("#e")
+                .expression_attribute_names("#e", LAST_ERROR)
+                .send()
+                .await
+                .map_err(|e| outbox_aws::store_error("GetItem (last error)", e))?
+                .item
+                .and_then(|item| string(&item, LAST_ERROR).map(str::to_owned)),
+            None => None,
+        };
         let mut stats = OutboxStats::default();
         stats.pending = pending;
         stats.published = published;
         stats.dead = dead;
         stats.oldest_pending_at = oldest_pending_at;
+        stats.last_error = last_error;
         Ok(stats)
     }
 }
 
-impl DeadLetters for PollingOutbox {
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut letters = Vec::new();
-        let mut failure = None;
-        if limit == 0 {
-            return Ok(letters);
-        }
-        self.each_dead(|item| {
-            match string(item, EVENT).map(decode_event) {
-                Some(Ok(event)) => letters.push(DeadLetter::event(
-                    event,
-                    number(item, ATTEMPTS)
-                        .and_then(|a| u32::try_from(a).ok())
-                        .unwrap_or(0),
-                    string(item, LAST_ERROR).map(str::to_owned),
-                )),
-                other => {
-                    let reason = match other {
-                        Some(Err(e)) => e.to_string(),
-                        _ => "the `event` attribute is missing".to_owned(),
-                    };
-                    failure = Some(StoreError::Backend(
-                        format!("dead letter {:?} cannot be read: {reason}", item_key(item)).into(),
-                    ));
-                    return false;
-                }
-            }
-            letters.len() < limit
-        })
-        .await?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(letters),
-        }
-    }
-
-    async fn replay(&self, which: ReplaySelector) -> Result<u64, StoreError> {
-        let wanted: Option<Vec<String>> = match &which {
+impl PollingOutbox {
+    /// The keys of the dead items `which` selects.
+    async fn dead_keys(&self, which: &ReplaySelector) -> Result<Vec<(String, u64)>, StoreError> {
+        let wanted: Option<Vec<String>> = match which {
             ReplaySelector::All => None,
             ReplaySelector::Ids(ids) => Some(ids.iter().map(|id| id.to_string()).collect()),
-            _ => return Err(StoreError::Config("unsupported replay selector".into())),
+            _ => {
+                return Err(StoreError::Config(
+                    "unsupported dead-letter selector".into(),
+                ))
+            }
         };
         let mut keys = Vec::new();
         self.each_dead(|item| {
@@ -205,6 +181,76 @@ impl DeadLetters for PollingOutbox {
             true
         })
         .await?;
+        Ok(keys)
+    }
+
+    /// Gives one dead item up: it leaves the dead index and no longer parks
+    /// its aggregate. It stays in the table, `status` = skipped.
+    async fn skip_one(&self, pk: String, version: u64) -> Result<bool, StoreError> {
+        let result = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(Self::key(&pk, version)))
+            .update_expression("SET #status = :skipped REMOVE #dkey")
+            .condition_expression("attribute_exists(#dkey)")
+            .expression_attribute_names("#status", STATUS)
+            .expression_attribute_names("#dkey", DEAD_KEY)
+            .expression_attribute_values(":skipped", s(SKIPPED))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(outbox_aws::store_error("UpdateItem (skip)", e)),
+        }
+    }
+}
+
+/// A dead item as a dead letter; one whose event cannot be read is listed
+/// with its raw attributes and the reason.
+fn dead_letter(item: &Item) -> DeadLetter {
+    let attempts = number(item, ATTEMPTS)
+        .and_then(|a| u32::try_from(a).ok())
+        .unwrap_or(0);
+    let last_error = string(item, LAST_ERROR).map(str::to_owned);
+    let key = item_key(item);
+    let read = match &key {
+        Some((pk, version)) => read_event(item, pk, *version),
+        None => Err("the item has no readable key".to_owned()),
+    };
+    match read {
+        Ok(event) => DeadLetter::event(event, attempts, last_error),
+        Err(reason) => {
+            let reference = key.map_or_else(|| "?".to_owned(), |(pk, v)| format!("{pk}/{v}"));
+            let error = match last_error {
+                Some(e) if e.starts_with("malformed") => e,
+                Some(e) => format!("{e}; malformed: {reason}"),
+                None => format!("malformed: {reason}"),
+            };
+            let mut letter = DeadLetter::malformed(reference, item_json(item), Some(error));
+            letter.attempts = attempts;
+            letter
+        }
+    }
+}
+
+impl DeadLetters for PollingOutbox {
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut letters = Vec::new();
+        if limit == 0 {
+            return Ok(letters);
+        }
+        self.each_dead(|item| {
+            letters.push(dead_letter(item));
+            letters.len() < limit
+        })
+        .await?;
+        Ok(letters)
+    }
+
+    async fn replay(&self, which: ReplaySelector) -> Result<u64, StoreError> {
+        let keys = self.dead_keys(&which).await?;
         let now = now_ms();
         let replayed: Vec<bool> = stream::iter(keys)
             .map(|(pk, version)| self.replay_one(pk, version, now))
@@ -212,6 +258,16 @@ impl DeadLetters for PollingOutbox {
             .try_collect()
             .await?;
         Ok(replayed.into_iter().filter(|r| *r).count() as u64)
+    }
+
+    async fn skip(&self, which: ReplaySelector) -> Result<u64, StoreError> {
+        let keys = self.dead_keys(&which).await?;
+        let skipped: Vec<bool> = stream::iter(keys)
+            .map(|(pk, version)| self.skip_one(pk, version))
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(skipped.into_iter().filter(|r| *r).count() as u64)
     }
 }
 

@@ -12,7 +12,7 @@
 //! event item (sk = aggregate version):
 //!   event            S   the envelope as JSON
 //!   event_id         S
-//!   status           S   pending | published | dead
+//!   status           S   pending | published | dead | skipped
 //!   position         N   commit time in ms * 10_000 + index in the transaction (write order)
 //!   created_at       N   ms since the epoch
 //!   attempts         N   failed attempts so far
@@ -66,6 +66,8 @@ pub(crate) const PUBLISHED_INDEX: &str = "published";
 pub(crate) const PENDING: &str = "pending";
 pub(crate) const DEAD: &str = "dead";
 pub(crate) const PUBLISHED: &str = "published";
+/// A dead letter given up for good (`dead-letters skip`).
+pub(crate) const SKIPPED: &str = "skipped";
 
 /// Positions are `commit ms * POSITION_SCALE + index`: an index stays below
 /// the 100 actions of one transaction, and ms * 10^4 fits in an i64 for

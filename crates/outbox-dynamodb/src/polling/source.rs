@@ -7,12 +7,14 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use aws_sdk_dynamodb::Client;
 use futures_util::{stream, StreamExt, TryStreamExt};
 use outbox_core::{
-    ClaimRequest, ClaimSource, Claimed, ClaimedEvent, LeaseId, Settlements, StoreError,
+    ClaimRequest, ClaimSource, Claimed, ClaimedEvent, DeadLetterPolicy, Event, LeaseId, Malformed,
+    Settlements, StoreError,
 };
 
 use super::*;
+use crate::attr::{millis, n, now_ms, number, s, string};
 use crate::error::is_condition_failed;
-use crate::item::{decode_event, PK};
+use crate::item::{aggregate_key, decode_event, PK};
 use crate::outbox::{DynamoOutbox, Shape};
 
 /// How long published items stay before the table's TTL removes them, unless
@@ -27,6 +29,7 @@ const CONCURRENCY: usize = 16;
 pub struct PollingOutbox {
     outbox: DynamoOutbox,
     retention: Duration,
+    policy: DeadLetterPolicy,
 }
 
 /// Where a claimed event lives: its aggregate's key and its version.
@@ -34,36 +37,6 @@ pub struct PollingOutbox {
 pub struct PollingReceipt {
     pub pk: String,
     pub version: u64,
-}
-
-pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn n(value: impl ToString) -> AttributeValue {
-    AttributeValue::N(value.to_string())
-}
-
-fn s(value: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(value.into())
-}
-
-pub(crate) fn number(item: &HashMap<String, AttributeValue>, name: &str) -> Option<i64> {
-    match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse().ok(),
-        _ => None,
-    }
-}
-
-pub(crate) fn string<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a str> {
-    match item.get(name) {
-        Some(AttributeValue::S(v)) => Some(v),
-        _ => None,
-    }
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl PollingOutbox {
@@ -96,7 +69,16 @@ impl PollingOutbox {
         Ok(Self {
             outbox,
             retention: DEFAULT_RETENTION,
+            policy: DeadLetterPolicy::default(),
         })
+    }
+
+    /// What a dead letter does to its aggregate's later events: flow past it
+    /// (`Continue`, the default) or wait behind it until it is replayed or
+    /// skipped (`Park`).
+    pub fn dead_letter_policy(mut self, policy: DeadLetterPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// How long published items are kept before TTL deletes them.
@@ -122,75 +104,79 @@ impl PollingOutbox {
     }
 
     /// Leases the due prefix of one aggregate's pending events, in order,
-    /// stopping at the first one held (backing off or leased elsewhere).
-    async fn claim_aggregate(
-        &self,
-        pk: &str,
-        now: i64,
-        until: i64,
-        lease: &LeaseId,
-        room: usize,
-        out: &mut Vec<ClaimedEvent<PollingReceipt>>,
-    ) -> Result<(), StoreError> {
+    /// stopping at the first one held (backing off, leased elsewhere, or,
+    /// with `Park`, dead). Items that cannot be read are leased too and
+    /// handed to the relay as malformed.
+    async fn claim_aggregate(&self, pk: &str, claim: &mut Claim) -> Result<(), StoreError> {
+        let park = self.policy == DeadLetterPolicy::Park;
+        let filter = if park {
+            "attribute_exists(#pending) OR attribute_exists(#dead)"
+        } else {
+            "attribute_exists(#pending)"
+        };
         let mut start = None;
-        let mut taken = 0;
         loop {
             // Consistent and in `sk` order: the index only said where to look.
-            let page = self
+            let mut query = self
                 .client()
                 .query()
                 .table_name(self.table())
                 .consistent_read(true)
                 .key_condition_expression("#pk = :pk AND #sk > :head")
-                .filter_expression("attribute_exists(#pending)")
+                .filter_expression(filter)
                 .expression_attribute_names("#pk", PK)
                 .expression_attribute_names("#sk", SK)
                 .expression_attribute_names("#pending", PENDING_KEY)
                 .expression_attribute_values(":pk", s(pk))
                 .expression_attribute_values(":head", n(HEAD_SK))
-                .set_exclusive_start_key(start)
+                .set_exclusive_start_key(start);
+            if park {
+                query = query.expression_attribute_names("#dead", DEAD_KEY);
+            }
+            let page = query
                 .send()
                 .await
                 .map_err(|e| outbox_aws::store_error("Query (aggregate)", e))?;
             for item in page.items() {
-                if taken >= room {
+                if claim.is_full() {
                     return Ok(());
+                }
+                if item.contains_key(DEAD_KEY) {
+                    return Ok(()); // parked behind its dead letter
                 }
                 let Some(version) = number(item, SK).and_then(|v| u64::try_from(v).ok()) else {
                     continue;
                 };
-                if number(item, NEXT_ATTEMPT_AT).unwrap_or(0) > now {
+                if number(item, POSITION).is_some_and(|p| p > claim.max_position) {
+                    return Ok(()); // written after a drain started
+                }
+                let due = number(item, NEXT_ATTEMPT_AT).unwrap_or(0);
+                if due > claim.cutoff {
+                    claim.note_due(due);
                     return Ok(()); // held: nothing after it may go
                 }
-                match self.lease(pk, version, now, until, lease).await? {
-                    None => return Ok(()), // taken or settled meanwhile
-                    Some(leased) => {
-                        let receipt = PollingReceipt {
-                            pk: pk.to_owned(),
-                            version,
-                        };
-                        match string(&leased, EVENT).map(decode_event) {
-                            Some(Ok(event)) => {
-                                out.push(ClaimedEvent::new(
-                                    event,
-                                    number(&leased, ATTEMPTS)
-                                        .and_then(|a| u32::try_from(a).ok())
-                                        .unwrap_or(0),
-                                    receipt,
-                                ));
-                                taken += 1;
-                            }
-                            bad => {
-                                // An item that cannot be decoded would block its aggregate
-                                // forever: dead-letter it, visibly, and go on.
-                                let reason = match bad {
-                                    Some(Err(e)) => e.to_string(),
-                                    _ => "the `event` attribute is missing".to_owned(),
-                                };
-                                tracing::error!(pk, version, %reason, "outbox: dead-lettering malformed item");
-                                self.settle_one(*lease, &receipt, Outcome::Dead(reason), now)
-                                    .await?;
-                            }
+                let Some(leased) = self.lease(pk, version, claim).await? else {
+                    return Ok(()); // taken or settled meanwhile
+                };
+                let receipt = PollingReceipt {
+                    pk: pk.to_owned(),
+                    version,
+                };
+                match read_event(&leased, pk, version) {
+                    Ok(event) => {
+                        let attempts = number(&leased, ATTEMPTS)
+                            .and_then(|a| u32::try_from(a).ok())
+                            .unwrap_or(0);
+                        claim
+                            .events
+                            .push(ClaimedEvent::new(event, attempts, receipt));
+                    }
+                    Err(reason) => {
+                        // Dead-lettered alone by the relay, its fields kept.
+                        tracing::error!(pk, version, %reason, "outbox: item cannot be read as an event");
+                        claim.malformed.push(Malformed::new(receipt, reason));
+                        if park {
+                            return Ok(());
                         }
                     }
                 }
@@ -207,9 +193,7 @@ impl PollingOutbox {
         &self,
         pk: &str,
         version: u64,
-        now: i64,
-        until: i64,
-        lease: &LeaseId,
+        claim: &Claim,
     ) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
         let result = self
             .client()
@@ -217,13 +201,19 @@ impl PollingOutbox {
             .table_name(self.table())
             .set_key(Some(Self::key(pk, version)))
             .update_expression("SET #next = :until, #lease = :lease")
-            .condition_expression("attribute_exists(#pending) AND #next <= :now")
+            // A due time missing or not a number (a hand-written item)
+            // must not jam its aggregate: it counts as due.
+            .condition_expression(
+                "attribute_exists(#pending) AND (attribute_not_exists(#next) \
+                 OR NOT attribute_type(#next, :num) OR #next <= :cutoff)",
+            )
             .expression_attribute_names("#next", NEXT_ATTEMPT_AT)
             .expression_attribute_names("#lease", LEASE_ID)
             .expression_attribute_names("#pending", PENDING_KEY)
-            .expression_attribute_values(":until", n(until))
-            .expression_attribute_values(":now", n(now))
-            .expression_attribute_values(":lease", s(lease.to_string()))
+            .expression_attribute_values(":until", n(claim.until))
+            .expression_attribute_values(":cutoff", n(claim.cutoff))
+            .expression_attribute_values(":num", s("N"))
+            .expression_attribute_values(":lease", s(claim.lease.to_string()))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
@@ -276,19 +266,29 @@ impl PollingOutbox {
                 .expression_attribute_values(":now", n(now)),
             Outcome::Retry(at, error) => request
                 .update_expression(
-                    "SET #attempts = #attempts + :one, #next = :at, #error = :error REMOVE #lease",
+                    "SET #attempts = if_not_exists(#attempts, :zero) + :one, #next = :at, \
+                     #error = :error REMOVE #lease",
                 )
+                .expression_attribute_values(":zero", n(0))
                 .expression_attribute_names("#attempts", ATTEMPTS)
                 .expression_attribute_names("#next", NEXT_ATTEMPT_AT)
                 .expression_attribute_names("#error", LAST_ERROR)
                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":at", n(at))
                 .expression_attribute_values(":error", s(error)),
+            Outcome::Deferred(at, error) => request
+                .update_expression("SET #next = :at, #error = :error REMOVE #lease")
+                .expression_attribute_names("#next", NEXT_ATTEMPT_AT)
+                .expression_attribute_names("#error", LAST_ERROR)
+                .expression_attribute_values(":at", n(at))
+                .expression_attribute_values(":error", s(error)),
             Outcome::Dead(error) => request
                 .update_expression(
-                    "SET #status = :dead, #dkey = :dead, #attempts = #attempts + :one, #error = :error \
+                    "SET #status = :dead, #dkey = :dead, \
+                     #attempts = if_not_exists(#attempts, :zero) + :one, #error = :error \
                      REMOVE #pending, #lease, #next",
                 )
+                .expression_attribute_values(":zero", n(0))
                 .expression_attribute_names("#status", STATUS)
                 .expression_attribute_names("#dkey", DEAD_KEY)
                 .expression_attribute_names("#attempts", ATTEMPTS)
@@ -311,24 +311,95 @@ enum Outcome {
     Published,
     Released,
     Retry(i64, String),
+    Deferred(i64, String),
     Dead(String),
+}
+
+/// One claim in progress.
+struct Claim {
+    lease: LeaseId,
+    /// Lease end, ms.
+    until: i64,
+    /// Latest due time that may be claimed, ms.
+    cutoff: i64,
+    /// Highest write position that may be claimed (a drain's start).
+    max_position: i64,
+    limit: usize,
+    events: Vec<ClaimedEvent<PollingReceipt>>,
+    malformed: Vec<Malformed<PollingReceipt>>,
+    /// The earliest due time seen on an event held back by its due time.
+    next_due: Option<i64>,
+}
+
+impl Claim {
+    fn is_full(&self) -> bool {
+        self.events.len() + self.malformed.len() >= self.limit
+    }
+
+    fn note_due(&mut self, at: i64) {
+        self.next_due = Some(self.next_due.map_or(at, |d| d.min(at)));
+    }
+}
+
+/// The event of an item, checked by the rules a writer is held to, and
+/// against the item's own key.
+pub(crate) fn read_event(
+    item: &HashMap<String, AttributeValue>,
+    pk: &str,
+    version: u64,
+) -> Result<Event, String> {
+    let json = match item.get(EVENT) {
+        Some(AttributeValue::S(json)) => json,
+        Some(_) => return Err("the `event` attribute is not a string (S)".to_owned()),
+        None => return Err("the `event` attribute is missing".to_owned()),
+    };
+    let event = decode_event(json).map_err(|e| e.to_string())?;
+    let key =
+        aggregate_key(&event.aggregate_type, &event.aggregate_id).map_err(|e| e.to_string())?;
+    if key != pk || event.aggregate_version != version {
+        return Err(format!(
+            "the event is {key} version {}, but the item is {pk} version {version}",
+            event.aggregate_version
+        ));
+    }
+    Ok(event)
 }
 
 impl ClaimSource for PollingOutbox {
     type Receipt = PollingReceipt;
 
     async fn claim(&self, request: ClaimRequest) -> Result<Claimed<PollingReceipt>, StoreError> {
-        let lease = LeaseId::new();
-        let now = now_ms();
-        let until = now.saturating_add(millis(request.lease));
-        let mut events = Vec::new();
+        let now = chrono::Utc::now();
+        let mut claim = Claim {
+            lease: LeaseId::new(),
+            until: now.timestamp_millis().saturating_add(millis(request.lease)),
+            cutoff: request.due_cutoff(now).timestamp_millis(),
+            max_position: request.written_before.map_or(i64::MAX, |at| {
+                at.timestamp_millis()
+                    .saturating_mul(POSITION_SCALE)
+                    .saturating_add(POSITION_SCALE - 1)
+            }),
+            limit: request.limit,
+            events: Vec::new(),
+            malformed: Vec::new(),
+            next_due: None,
+        };
         let mut seen = HashSet::new();
         let mut start = None;
-        'pages: while events.len() < request.limit {
+        'pages: while !claim.is_full() {
             // The sparse index says which aggregates have pending work, oldest
             // first; it may lag, the per-aggregate read does not.
+            // Positions are write order: a drain never looks past its start.
             let page = self
-                .index_query(PENDING_INDEX, PENDING_KEY, PENDING)
+                .client()
+                .query()
+                .table_name(self.table())
+                .index_name(PENDING_INDEX)
+                .key_condition_expression("#k = :k AND #pos <= :max")
+                .expression_attribute_names("#k", PENDING_KEY)
+                .expression_attribute_names("#pos", POSITION)
+                .expression_attribute_values(":k", s(PENDING))
+                .expression_attribute_values(":max", n(claim.max_position))
                 .set_exclusive_start_key(start)
                 .send()
                 .await
@@ -338,19 +409,15 @@ impl ClaimSource for PollingOutbox {
                 if !seen.insert(pk.to_owned()) {
                     continue;
                 }
-                let room = request.limit - events.len();
-                let claimed = self
-                    .claim_aggregate(pk, now, until, &lease, room, &mut events)
-                    .await;
-                if let Err(e) = claimed {
-                    if events.is_empty() {
+                if let Err(e) = self.claim_aggregate(pk, &mut claim).await {
+                    if claim.events.is_empty() && claim.malformed.is_empty() {
                         return Err(e);
                     }
                     // What is leased already goes out; the rest waits for the next claim.
                     tracing::warn!(error = %e, "outbox: claim cut short");
                     break 'pages;
                 }
-                if events.len() >= request.limit {
+                if claim.is_full() {
                     break 'pages;
                 }
             }
@@ -359,7 +426,16 @@ impl ClaimSource for PollingOutbox {
                 None => break,
             }
         }
-        Ok(Claimed::new(lease, events))
+        let next_due = if claim.events.is_empty() && claim.malformed.is_empty() {
+            claim
+                .next_due
+                .and_then(chrono::DateTime::from_timestamp_millis)
+        } else {
+            None
+        };
+        Ok(Claimed::new(claim.lease, claim.events)
+            .with_malformed(claim.malformed)
+            .with_next_due(next_due))
     }
 
     async fn settle(
@@ -386,6 +462,12 @@ impl ClaimSource for PollingOutbox {
                 .retry
                 .into_iter()
                 .map(|(r, at, e)| (r, Outcome::Retry(at.timestamp_millis(), e))),
+        );
+        work.extend(
+            settlements
+                .deferred
+                .into_iter()
+                .map(|(r, at, e)| (r, Outcome::Deferred(at.timestamp_millis(), e))),
         );
         work.extend(
             settlements

@@ -21,9 +21,13 @@ enum Origin {
 struct Entry {
     event: Event,
     attempts: u32,
+    /// When it was read (or replayed): what a drain's `written_before` sees.
+    written: DateTime<Utc>,
     due: DateTime<Utc>,
     lease: Option<(LeaseId, Instant)>,
     origin: Origin,
+    /// The latest failure, and when it was recorded.
+    last_error: Option<(DateTime<Utc>, String)>,
 }
 
 /// One stream record read and not yet checkpointed.
@@ -44,6 +48,26 @@ pub(crate) struct ShardLog {
 impl ShardLog {
     pub(crate) fn is_settled(&self) -> bool {
         self.slots.is_empty()
+    }
+}
+
+/// Which events a claim may take: due by, and written before, these times.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    pub due_by: DateTime<Utc>,
+    pub written_before: DateTime<Utc>,
+}
+
+impl Window {
+    pub(crate) fn now() -> Self {
+        Self::due_by(Utc::now())
+    }
+
+    pub(crate) fn due_by(at: DateTime<Utc>) -> Self {
+        Self {
+            due_by: at,
+            written_before: DateTime::<Utc>::MAX_UTC,
+        }
     }
 }
 
@@ -71,14 +95,17 @@ impl Buffer {
     fn push_entry(&mut self, event: Event, origin: Origin) {
         let id = self.next_id;
         self.next_id += 1;
+        let now = Utc::now();
         self.entries.insert(
             id,
             Entry {
                 event,
                 attempts: 0,
-                due: Utc::now(),
+                written: now,
+                due: now,
                 lease: None,
                 origin,
+                last_error: None,
             },
         );
     }
@@ -136,8 +163,7 @@ impl Buffer {
     /// prefix up to its first event that is held or backing off. Taking them
     /// in stream order keeps the settled prefix, and so the checkpoint,
     /// close behind what was published.
-    fn claimable(&self, limit: usize) -> Vec<u64> {
-        let now = Utc::now();
+    fn claimable(&self, limit: usize, window: Window) -> Vec<u64> {
         let instant = Instant::now();
         let mut blocked: HashSet<(&str, &str)> = HashSet::new();
         let mut ids = Vec::new();
@@ -164,7 +190,7 @@ impl Buffer {
                 continue;
             }
             let held = e.lease.is_some_and(|(_, until)| until > instant);
-            if held || e.due > now {
+            if held || e.due > window.due_by || e.written > window.written_before {
                 blocked.insert(key);
                 continue;
             }
@@ -174,11 +200,17 @@ impl Buffer {
         ids
     }
 
-    pub(crate) fn claim(&mut self, limit: usize, lease: Duration) -> Claimed<StreamReceipt> {
+    /// Claims what is due at or before `cutoff`, per aggregate a prefix.
+    pub(crate) fn claim(
+        &mut self,
+        limit: usize,
+        lease: Duration,
+        window: Window,
+    ) -> Claimed<StreamReceipt> {
         let lease_id = LeaseId::new();
-        let expires = Instant::now() + lease;
+        let expires = super::later(lease);
         let mut events = Vec::new();
-        for id in self.claimable(limit) {
+        for id in self.claimable(limit, window) {
             if let Some(entry) = self.entries.get_mut(&id) {
                 entry.lease = Some((lease_id, expires));
                 events.push(ClaimedEvent::new(
@@ -188,12 +220,38 @@ impl Buffer {
                 ));
             }
         }
-        Claimed::new(lease_id, events)
+        let next_due = if events.is_empty() {
+            self.next_due()
+        } else {
+            None
+        };
+        Claimed::new(lease_id, events).with_next_due(next_due)
     }
 
     /// Whether a claim now would hand out anything.
     pub(crate) fn has_due(&self) -> bool {
-        !self.claimable(1).is_empty()
+        !self.claimable(1, Window::now()).is_empty()
+    }
+
+    /// When the earliest aggregate head not held by a claim comes due.
+    fn next_due(&self) -> Option<DateTime<Utc>> {
+        let now = Instant::now();
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        self.entries
+            .values()
+            .filter(|e| seen.insert(e.event.aggregate_key()))
+            .filter(|e| e.lease.is_none_or(|(_, until)| until <= now))
+            .map(|e| e.due)
+            .min()
+    }
+
+    /// The most recent failure recorded on a buffered event.
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.entries
+            .values()
+            .filter_map(|e| e.last_error.as_ref())
+            .max_by_key(|(at, _)| *at)
+            .map(|(_, error)| error.clone())
     }
 
     fn held_by(&self, receipt: StreamReceipt, lease: LeaseId) -> Option<&Entry> {
@@ -291,12 +349,35 @@ impl Buffer {
         retries: &[(StreamReceipt, DateTime<Utc>, String)],
         applied: &mut Applied,
     ) {
-        for (r, at, _) in retries {
+        self.reschedule(lease, retries, true, applied);
+    }
+
+    /// Due again at the time, attempts unchanged: the target was down.
+    pub(crate) fn defer(
+        &mut self,
+        lease: LeaseId,
+        deferred: &[(StreamReceipt, DateTime<Utc>, String)],
+        applied: &mut Applied,
+    ) {
+        self.reschedule(lease, deferred, false, applied);
+    }
+
+    fn reschedule(
+        &mut self,
+        lease: LeaseId,
+        entries: &[(StreamReceipt, DateTime<Utc>, String)],
+        count_attempt: bool,
+        applied: &mut Applied,
+    ) {
+        for (r, at, error) in entries {
             if self.held_by(*r, lease).is_some() {
                 if let Some(e) = self.entries.get_mut(&r.0) {
-                    e.attempts = e.attempts.saturating_add(1);
+                    if count_attempt {
+                        e.attempts = e.attempts.saturating_add(1);
+                    }
                     e.due = *at;
                     e.lease = None;
+                    e.last_error = Some((Utc::now(), error.clone()));
                     applied.count += 1;
                 }
             }
@@ -335,7 +416,7 @@ mod tests {
         b.push_record("s", "11", vec![]);
         b.push_record("s", "12", vec![ev("b", 1)]);
         assert!(b.advanced.is_empty());
-        let claimed = b.claim(10, Duration::from_secs(5));
+        let claimed = b.claim(10, Duration::from_secs(5), Window::now());
         assert_eq!(claimed.events.len(), 3);
         let receipts: Vec<_> = claimed.events.iter().map(|c| c.receipt).collect();
         let mut applied = Applied::default();
@@ -353,9 +434,9 @@ mod tests {
         let mut b = Buffer::default();
         b.push_record("s", "1", vec![ev("a", 1)]);
         b.push_record("s", "2", vec![ev("a", 2), ev("b", 1)]);
-        let first = b.claim(1, Duration::from_secs(5));
+        let first = b.claim(1, Duration::from_secs(5), Window::now());
         assert_eq!(first.events.len(), 1);
-        let second = b.claim(10, Duration::from_secs(5));
+        let second = b.claim(10, Duration::from_secs(5), Window::now());
         let got: Vec<_> = second
             .events
             .iter()
@@ -369,9 +450,45 @@ mod tests {
             &[(first.events[0].receipt, later, "x".into())],
             &mut applied,
         );
-        assert!(b.claim(10, Duration::from_secs(5)).events.is_empty());
+        let empty = b.claim(10, Duration::from_secs(5), Window::now());
+        assert!(empty.events.is_empty());
+        assert_eq!(empty.next_due, Some(later));
+        assert_eq!(b.last_error().as_deref(), Some("x"));
         // A stale lease changes nothing.
         b.release(LeaseId::new(), &[first.events[0].receipt], &mut applied);
         assert_eq!(applied.count, 1);
+    }
+
+    #[test]
+    fn deferred_keeps_attempts_and_cutoff_holds_later_events() {
+        let mut b = Buffer::default();
+        let before = Utc::now() - chrono::Duration::seconds(1);
+        b.push_record("s", "1", vec![ev("a", 1)]);
+        // Read after a drain started: that drain leaves it.
+        assert!(b
+            .claim(
+                10,
+                Duration::from_secs(5),
+                Window {
+                    due_by: Utc::now(),
+                    written_before: before
+                }
+            )
+            .events
+            .is_empty());
+        let claimed = b.claim(10, Duration::from_secs(5), Window::now());
+        assert_eq!(claimed.events.len(), 1);
+        let mut applied = Applied::default();
+        let at = Utc::now() + chrono::Duration::milliseconds(30);
+        b.defer(
+            claimed.lease,
+            &[(claimed.events[0].receipt, at, "target down".into())],
+            &mut applied,
+        );
+        assert_eq!(applied.count, 1);
+        assert_eq!(b.last_error().as_deref(), Some("target down"));
+        let again = b.claim(10, Duration::from_secs(5), Window::due_by(at));
+        assert_eq!(again.events.len(), 1);
+        assert_eq!(again.events[0].attempts, 0, "a deferral spends no attempt");
     }
 }

@@ -37,26 +37,39 @@
 //! .consumer("relay")
 //! .start_at(StartAt::TrimHorizon);
 //! source.create_tables_if_missing().await?;
-//! let relay = Relay::new(source.clone(), StdoutPublisher::new("orders"), RelayConfig::default())?;
+//! let relay = Relay::new(source, StdoutPublisher::new("orders"), RelayConfig::default())?;
+//! // On stopping, the relay closes the source: checkpoints are written and
+//! // the stream is handed over at once instead of after the lease runs out.
 //! relay.run(shutdown_signal()).await?;
-//! // Hand the stream over at once instead of after the lease runs out.
-//! source.release().await?;
 //! # Ok(())
 //! # }
 //! ```
 //!
 //! One process at a time reads a stream per consumer: it holds the `#lease`
-//! item and renews it on every claim, and every checkpoint write is
-//! conditional on still holding it.
+//! item and renews it on every claim, and every checkpoint and dead-letter
+//! write is conditional on still holding it.
+//!
+//! The code is split by concern: `lease` (the `#lease` item), `shards`
+//! (listing shards, iterators, what a failed read means), `reading`
+//! (records into the buffer, malformed records, trimmed ranges),
+//! `checkpoints` (durable progress and the lease fence), `replays`, `buffer`
+//! (the in-memory claims) and `source` (the `ClaimSource` impl).
 //!
 //! What lies in the stream beyond the buffer is known only to DynamoDB: watch
 //! the stream's `IteratorAge` metric for the backlog; [`Stats`] counts what
 //! this process has read and not settled.
 
 mod buffer;
+mod checkpoints;
+mod lease;
 mod raw;
+mod reading;
+mod replays;
+mod shards;
+mod source;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,9 +84,10 @@ use outbox_core::{
 };
 
 pub use buffer::StreamReceipt;
-use buffer::{Applied, Buffer};
+use buffer::{Applied, Buffer, Window};
 
-use crate::dead_letters::{create_table, DeadLetterTable};
+use crate::attr::{now_ms, s};
+use crate::dead_letters::DeadLetterTable;
 use crate::record::{decode_streams_record, Change};
 
 const CONSUMER: &str = "consumer";
@@ -128,6 +142,9 @@ struct Shard {
     exhausted: bool,
     finished: bool,
     next_read_at: Instant,
+    /// Records after this sequence number were trimmed before they were
+    /// read: the loss is still to be recorded.
+    gap_after: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -153,6 +170,7 @@ struct Inner {
     state: Mutex<State>,
     /// One reader of the stream at a time within the process.
     reading: tokio::sync::Mutex<()>,
+    events_read: AtomicU64,
 }
 
 /// Reads the outbox table's stream for the core relay. Clones share one buffer.
@@ -170,12 +188,12 @@ impl std::fmt::Debug for StreamSource {
     }
 }
 
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
+/// `now + d`, or far enough ahead never to come: durations are the user's.
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(outbox_core::time::MAX_RETRY_DELAY))
+        .unwrap_or(now)
 }
 
 fn config_error(e: impl std::fmt::Display) -> StoreError {
@@ -222,6 +240,7 @@ impl StreamSource {
                 owner: uuid::Uuid::new_v4().to_string(),
                 state: Mutex::default(),
                 reading: tokio::sync::Mutex::new(()),
+                events_read: AtomicU64::new(0),
             }),
         }
     }
@@ -259,6 +278,7 @@ impl StreamSource {
     /// Least time between two reads of a shard that had nothing new
     /// (DynamoDB Streams allows 5 `GetRecords` a second per shard). Default 250 ms.
     pub fn poll_interval(self, every: Duration) -> Self {
+        let every = every.min(outbox_core::time::MAX_WAIT);
         self.configure(|i| i.config.poll_interval = every)
     }
 
@@ -269,7 +289,9 @@ impl StreamSource {
 
     /// How long the relay lease lasts unless renewed; a process that dies
     /// holds the stream this long. Default 30 s.
+    /// At most `outbox_core::time::MAX_LEASE`; a longer one is cut to it.
     pub fn lease_ttl(self, ttl: Duration) -> Self {
+        let ttl = ttl.min(outbox_core::time::MAX_LEASE);
         self.configure(|i| i.config.lease_ttl = ttl)
     }
 
@@ -285,18 +307,22 @@ impl StreamSource {
 
     /// Creates the checkpoint and dead-letter tables unless they exist.
     pub async fn create_tables_if_missing(&self) -> Result<(), StoreError> {
-        create_table(
+        crate::tables::create_string_key_table(
             &self.inner.dynamodb,
             &self.inner.config.checkpoint_table,
             CONSUMER,
             SHARD,
+            None,
         )
         .await?;
         self.inner.dead_letters.create_table_if_missing().await
     }
 
     /// Writes pending checkpoints and gives the stream up, so another
-    /// process can take over at once.
+    /// process can take over at once. The lease item keeps this process as
+    /// its last owner, so if this source claims again and nobody held the
+    /// stream in between, its buffer (and what it already published of a
+    /// record) is still good.
     pub async fn release(&self) -> Result<(), StoreError> {
         let _reading = self.inner.reading.lock().await;
         self.flush_checkpoints().await?;
@@ -306,13 +332,16 @@ impl StreamSource {
             let out = self
                 .inner
                 .dynamodb
-                .delete_item()
+                .update_item()
                 .table_name(&c.checkpoint_table)
                 .key(CONSUMER, s(&c.consumer))
                 .key(SHARD, s(LEASE_KEY))
+                .update_expression("SET #e = :zero")
                 .condition_expression("#o = :me")
                 .expression_attribute_names("#o", OWNER)
+                .expression_attribute_names("#e", EXPIRES_AT)
                 .expression_attribute_values(":me", s(&self.inner.owner))
+                .expression_attribute_values(":zero", AttributeValue::N("0".into()))
                 .send()
                 .await;
             if let Err(e) = out {
@@ -320,12 +349,20 @@ impl StreamSource {
                     .as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception())
                 {
-                    return Err(outbox_aws::store_error("DeleteItem", e));
+                    return Err(outbox_aws::store_error("UpdateItem (release)", e));
                 }
+                // Taken over already: what this process holds is stale.
+                *lock(&self.inner.state) = State::default();
             }
         }
-        *lock(&self.inner.state) = State::default();
         Ok(())
+    }
+
+    /// How many events this source has taken from the stream into its
+    /// buffer so far, whoever read them (a claim reads too): tests and tools
+    /// use it to wait until written events are visible.
+    pub fn events_read(&self) -> u64 {
+        self.inner.events_read.load(Ordering::Relaxed)
     }
 
     /// Reads what the stream holds now into the buffer; returns how many
@@ -337,722 +374,5 @@ impl StreamSource {
         }
         let _reading = self.inner.reading.lock().await;
         self.read_shards().await
-    }
-
-    // ---- the relay lease --------------------------------------------------
-
-    /// Takes or renews the lease; false when another process holds it and
-    /// the source is told to wait.
-    async fn ensure_lease(&self) -> Result<bool, StoreError> {
-        let c = &self.inner.config;
-        let ttl_ms = i64::try_from(c.lease_ttl.as_millis()).unwrap_or(i64::MAX);
-        let now = now_ms();
-        let held_until = lock(&self.inner.state).lease_until_ms;
-        if held_until.is_some_and(|until| until - now > ttl_ms * 2 / 3) {
-            return Ok(true);
-        }
-        let out = self
-            .inner
-            .dynamodb
-            .put_item()
-            .table_name(&c.checkpoint_table)
-            .item(CONSUMER, s(&c.consumer))
-            .item(SHARD, s(LEASE_KEY))
-            .item(OWNER, s(&self.inner.owner))
-            .item(EXPIRES_AT, AttributeValue::N((now + ttl_ms).to_string()))
-            .item(UPDATED_AT, AttributeValue::N(now.to_string()))
-            .condition_expression("attribute_not_exists(#c) OR #o = :me OR #e < :now")
-            .expression_attribute_names("#c", CONSUMER)
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#e", EXPIRES_AT)
-            .expression_attribute_values(":me", s(&self.inner.owner))
-            .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
-            .return_values(ReturnValue::AllOld)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                // Who held the lease before this put: if it was this process
-                // all along, nobody read or settled in between, even when a
-                // long batch let the lease lapse, and the buffer stays valid.
-                let held_by_other = out
-                    .attributes()
-                    .and_then(|old| old.get(OWNER))
-                    .is_some_and(|owner| *owner != s(&self.inner.owner));
-                let mut state = lock(&self.inner.state);
-                if held_by_other && state.lease_until_ms.is_some() {
-                    // Another process held the stream meanwhile and may have
-                    // settled records: start again from the checkpoints.
-                    tracing::warn!("stream source: lease was taken over meanwhile; re-reading from checkpoints");
-                    *state = State::default();
-                }
-                state.lease_until_ms = Some(now + ttl_ms);
-                Ok(true)
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                let lost = {
-                    let mut state = lock(&self.inner.state);
-                    let lost = state.lease_until_ms.is_some();
-                    *state = State::default();
-                    lost
-                };
-                if lost {
-                    tracing::error!(table = %c.outbox_table, consumer = %c.consumer,
-                        "stream source: lease lost to another process; buffer dropped");
-                }
-                if c.wait_for_lease {
-                    return Ok(false);
-                }
-                Err(StoreError::Conflict(format!(
-                    "another relay holds the stream of table {} for consumer `{}` (lease item in {}); \
-                     run one relay per consumer, or wait until its lease ({:?}) runs out",
-                    c.outbox_table, c.consumer, c.checkpoint_table, c.lease_ttl
-                )))
-            }
-            Err(e) => Err(outbox_aws::store_error("PutItem", e)),
-        }
-    }
-
-    // ---- reading the stream -----------------------------------------------
-
-    async fn stream_arn(&self) -> Result<String, StoreError> {
-        if let Some(arn) = lock(&self.inner.state).stream_arn.clone() {
-            return Ok(arn);
-        }
-        let table = &self.inner.config.outbox_table;
-        let out = self
-            .inner
-            .dynamodb
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-            .map_err(|e| outbox_aws::store_error("DescribeTable", e))?;
-        let arn = out
-            .table()
-            .and_then(|t| t.latest_stream_arn())
-            .ok_or_else(|| {
-                StoreError::Config(format!(
-                    "table {table} has no stream: enable one with view type NEW_IMAGE"
-                ))
-            })?
-            .to_owned();
-        lock(&self.inner.state).stream_arn = Some(arn.clone());
-        Ok(arn)
-    }
-
-    /// Lists the stream's shards and loads the checkpoints of new ones.
-    async fn list_shards(&self, arn: &str) -> Result<(), StoreError> {
-        let mut listed = Vec::new();
-        let mut start: Option<String> = None;
-        loop {
-            let out = self
-                .inner
-                .streams
-                .describe_stream()
-                .stream_arn(arn)
-                .set_exclusive_start_shard_id(start.clone())
-                .send()
-                .await
-                .map_err(|e| outbox_aws::store_error("DescribeStream", e))?;
-            let Some(desc) = out.stream_description else {
-                break;
-            };
-            for shard in desc.shards() {
-                if let Some(id) = shard.shard_id() {
-                    let closed = shard
-                        .sequence_number_range()
-                        .and_then(|r| r.ending_sequence_number())
-                        .is_some();
-                    listed.push((
-                        id.to_owned(),
-                        shard.parent_shard_id().map(str::to_owned),
-                        closed,
-                    ));
-                }
-            }
-            match desc.last_evaluated_shard_id {
-                Some(id) if Some(&id) != start.as_ref() => start = Some(id),
-                _ => break,
-            }
-        }
-        let checkpoints = self.load_checkpoints().await?;
-        let mut state = lock(&self.inner.state);
-        let first_listing = state.listed_at.is_none();
-        for (id, parent, closed) in listed {
-            if state.shards.contains_key(&id) {
-                continue;
-            }
-            let (checkpoint, finished) = checkpoints.get(&id).cloned().unwrap_or((None, false));
-            let latest = first_listing && self.inner.config.start_at == StartAt::Latest;
-            let skip = latest && checkpoint.is_none() && closed;
-            let start = if latest {
-                ShardIteratorType::Latest
-            } else {
-                ShardIteratorType::TrimHorizon
-            };
-            state.shards.insert(
-                id,
-                Shard {
-                    parent,
-                    iterator: None,
-                    last_read: checkpoint,
-                    start,
-                    exhausted: finished || skip,
-                    finished: finished || skip,
-                    next_read_at: Instant::now(),
-                },
-            );
-        }
-        state.listed_at = Some(Instant::now());
-        Ok(())
-    }
-
-    async fn load_checkpoints(
-        &self,
-    ) -> Result<HashMap<String, (Option<String>, bool)>, StoreError> {
-        let c = &self.inner.config;
-        let mut found = HashMap::new();
-        let mut start = None;
-        loop {
-            let out = self
-                .inner
-                .dynamodb
-                .query()
-                .table_name(&c.checkpoint_table)
-                .key_condition_expression("#c = :c")
-                .expression_attribute_names("#c", CONSUMER)
-                .expression_attribute_values(":c", s(&c.consumer))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| outbox_aws::store_error("Query", e))?;
-            for item in out.items() {
-                let Some(shard) = item.get(SHARD).and_then(|v| v.as_s().ok()) else {
-                    continue;
-                };
-                if shard == LEASE_KEY {
-                    continue;
-                }
-                let seq = item
-                    .get(SEQUENCE_NUMBER)
-                    .and_then(|v| v.as_s().ok())
-                    .cloned();
-                let finished = item
-                    .get(FINISHED)
-                    .and_then(|v| v.as_bool().ok())
-                    .copied()
-                    .unwrap_or(false);
-                found.insert(shard.clone(), (seq, finished));
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => return Ok(found),
-            }
-        }
-    }
-
-    /// One round of reads over the shards that may be read now.
-    async fn read_shards(&self) -> Result<usize, StoreError> {
-        let arn = self.stream_arn().await?;
-        let refresh = {
-            let state = lock(&self.inner.state);
-            state
-                .listed_at
-                .is_none_or(|at| at.elapsed() >= self.inner.config.shard_refresh)
-        };
-        if refresh {
-            self.list_shards(&arn).await?;
-        }
-        let readable: Vec<String> = {
-            let state = lock(&self.inner.state);
-            let now = Instant::now();
-            state
-                .shards
-                .iter()
-                .filter(|(_, sh)| !sh.exhausted && sh.next_read_at <= now)
-                .filter(|(_, sh)| {
-                    sh.parent
-                        .as_ref()
-                        .and_then(|p| state.shards.get(p))
-                        .is_none_or(|p| p.finished)
-                })
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
-        let mut added = 0;
-        let mut first_error = None;
-        for shard in readable {
-            if lock(&self.inner.state).buffer.len() >= self.inner.config.buffer_limit {
-                break;
-            }
-            match self.read_shard(&arn, &shard).await {
-                Ok(n) => added += n,
-                Err(e) => {
-                    tracing::warn!(%shard, error = %e, "stream source: reading a shard failed");
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        self.update_finished();
-        self.flush_checkpoints().await?;
-        match first_error {
-            Some(e) if added == 0 => Err(e),
-            _ => Ok(added),
-        }
-    }
-
-    async fn shard_iterator(&self, arn: &str, shard: &str) -> Result<Option<String>, StoreError> {
-        let (after, start) = {
-            let state = lock(&self.inner.state);
-            let Some(sh) = state.shards.get(shard) else {
-                return Ok(None);
-            };
-            (sh.last_read.clone(), sh.start.clone())
-        };
-        let request = |kind: ShardIteratorType, after: Option<String>| {
-            self.inner
-                .streams
-                .get_shard_iterator()
-                .stream_arn(arn)
-                .shard_id(shard)
-                .shard_iterator_type(kind)
-                .set_sequence_number(after)
-                .send()
-        };
-        let out = match after {
-            Some(seq) => request(ShardIteratorType::AfterSequenceNumber, Some(seq)).await,
-            None => request(start, None).await,
-        };
-        let out = match out {
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_trimmed_data_access_exception()) =>
-            {
-                tracing::error!(%shard, "stream source: the checkpoint is older than the stream's \
-                    24-hour retention; records in between are LOST to this relay. Continuing at TRIM_HORIZON");
-                request(ShardIteratorType::TrimHorizon, None).await
-            }
-            other => other,
-        };
-        match out {
-            Ok(o) => Ok(o.shard_iterator),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
-            {
-                tracing::warn!(%shard, "stream source: shard is gone from the stream");
-                let mut state = lock(&self.inner.state);
-                if let Some(sh) = state.shards.get_mut(shard) {
-                    sh.exhausted = true;
-                }
-                Ok(None)
-            }
-            Err(e) => Err(outbox_aws::store_error("GetShardIterator", e)),
-        }
-    }
-
-    async fn read_shard(&self, arn: &str, shard: &str) -> Result<usize, StoreError> {
-        let iterator = lock(&self.inner.state)
-            .shards
-            .get(shard)
-            .and_then(|s| s.iterator.clone());
-        let iterator = match iterator {
-            Some(it) => it,
-            None => match self.shard_iterator(arn, shard).await? {
-                Some(it) => it,
-                None => return Ok(0),
-            },
-        };
-        let room = {
-            let state = lock(&self.inner.state);
-            self.inner
-                .config
-                .buffer_limit
-                .saturating_sub(state.buffer.len())
-        };
-        let limit = i32::try_from(room)
-            .unwrap_or(GET_RECORDS_MAX)
-            .clamp(1, GET_RECORDS_MAX);
-        let out = self
-            .inner
-            .streams
-            .get_records()
-            .shard_iterator(iterator)
-            .limit(limit)
-            .send()
-            .await;
-        let out = match out {
-            Ok(out) => out,
-            Err(e) => {
-                let service = e.as_service_error();
-                let expired = service.is_some_and(|e| e.is_expired_iterator_exception());
-                let trimmed = service.is_some_and(|e| e.is_trimmed_data_access_exception());
-                let mut state = lock(&self.inner.state);
-                if let Some(sh) = state.shards.get_mut(shard) {
-                    sh.iterator = None;
-                    if trimmed {
-                        tracing::error!(%shard, "stream source: records were trimmed before they \
-                            were read; they are LOST to this relay. Continuing at TRIM_HORIZON");
-                        sh.last_read = None;
-                        sh.start = ShardIteratorType::TrimHorizon;
-                    }
-                }
-                if expired || trimmed {
-                    // A fresh iterator is taken on the next read.
-                    return Ok(0);
-                }
-                return Err(outbox_aws::store_error("GetRecords", e));
-            }
-        };
-        let records = out.records.unwrap_or_default();
-        let got_records = !records.is_empty();
-        let mut added = 0;
-        for record in &records {
-            let decoded = decode_streams_record(record);
-            let seq = match &decoded {
-                Ok(r) => Some(r.sequence_number.clone()),
-                Err(e) => e.sequence_number.clone(),
-            };
-            let already = {
-                let state = lock(&self.inner.state);
-                let last = state.shards.get(shard).and_then(|s| s.last_read.clone());
-                matches!((&seq, last), (Some(seq), Some(last)) if !seq_after(seq, &last))
-            };
-            if already {
-                continue;
-            }
-            let events = match decoded {
-                Ok(r) => match r.change {
-                    Change::Events(item) => item.events,
-                    Change::Ignored { reason } => {
-                        tracing::debug!(%shard, seq = %r.sequence_number, %reason, "stream source: record ignored");
-                        Vec::new()
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(%shard, error = %e, "stream source: malformed record dead-lettered");
-                    let key = seq
-                        .clone()
-                        .or_else(|| record.event_id().map(str::to_owned))
-                        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-                    let stored = self
-                        .inner
-                        .dead_letters
-                        .put_malformed(&key, &raw::record_json(record), &e.reason)
-                        .await;
-                    if let Err(err) = stored {
-                        // Resume after the last record taken, to try it again.
-                        let mut state = lock(&self.inner.state);
-                        if let Some(sh) = state.shards.get_mut(shard) {
-                            sh.iterator = None;
-                        }
-                        return Err(err);
-                    }
-                    Vec::new()
-                }
-            };
-            let mut state = lock(&self.inner.state);
-            let Some(sh) = state.shards.get_mut(shard) else {
-                return Ok(added);
-            };
-            let Some(seq) = seq else {
-                continue;
-            };
-            sh.last_read = Some(seq.clone());
-            added += events.len();
-            state.buffer.push_record(shard, &seq, events);
-        }
-        let mut state = lock(&self.inner.state);
-        if let Some(sh) = state.shards.get_mut(shard) {
-            match out.next_shard_iterator {
-                Some(next) => sh.iterator = Some(next),
-                None => {
-                    sh.iterator = None;
-                    sh.exhausted = true;
-                    // Its children can be listed now.
-                    state.listed_at = None;
-                }
-            }
-        }
-        if let Some(sh) = state.shards.get_mut(shard) {
-            sh.next_read_at = if got_records {
-                Instant::now()
-            } else {
-                Instant::now() + self.inner.config.poll_interval
-            };
-        }
-        Ok(added)
-    }
-
-    /// Marks exhausted shards whose records are all settled as finished.
-    fn update_finished(&self) {
-        let mut state = lock(&self.inner.state);
-        let State {
-            shards,
-            buffer,
-            finished_unwritten,
-            ..
-        } = &mut *state;
-        for (id, sh) in shards.iter_mut() {
-            if sh.exhausted && !sh.finished && buffer.logs.get(id).is_none_or(|l| l.is_settled()) {
-                sh.finished = true;
-                finished_unwritten.push(id.clone());
-            }
-        }
-    }
-
-    /// Writes advanced checkpoints and finished shards, on the condition
-    /// that this process still holds the lease.
-    async fn flush_checkpoints(&self) -> Result<(), StoreError> {
-        let (mut updates, finished): (Vec<CheckpointUpdate>, Vec<String>) = {
-            let mut state = lock(&self.inner.state);
-            let advanced: Vec<_> = state.buffer.advanced.drain().collect();
-            let finished = std::mem::take(&mut state.finished_unwritten);
-            (
-                advanced
-                    .into_iter()
-                    .map(|(id, seq)| (id, Some(seq), false))
-                    .collect(),
-                finished,
-            )
-        };
-        for id in &finished {
-            match updates.iter_mut().find(|u| &u.0 == id) {
-                Some(u) => u.2 = true,
-                None => updates.push((id.clone(), None, true)),
-            }
-        }
-        if updates.is_empty() {
-            return Ok(());
-        }
-        let c = &self.inner.config;
-        for (n, chunk) in updates.chunks(CHECKPOINTS_PER_TRANSACTION).enumerate() {
-            let check = ConditionCheck::builder()
-                .table_name(&c.checkpoint_table)
-                .key(CONSUMER, s(&c.consumer))
-                .key(SHARD, s(LEASE_KEY))
-                .condition_expression("#o = :me")
-                .expression_attribute_names("#o", OWNER)
-                .expression_attribute_values(":me", s(&self.inner.owner))
-                .build()
-                .map_err(config_error)?;
-            let mut request = self
-                .inner
-                .dynamodb
-                .transact_write_items()
-                .transact_items(TransactWriteItem::builder().condition_check(check).build());
-            for (shard, seq, finished) in chunk {
-                let mut expression = "SET #u = :u".to_owned();
-                let mut update = Update::builder()
-                    .table_name(&c.checkpoint_table)
-                    .key(CONSUMER, s(&c.consumer))
-                    .key(SHARD, s(shard))
-                    .expression_attribute_names("#u", UPDATED_AT)
-                    .expression_attribute_values(":u", AttributeValue::N(now_ms().to_string()));
-                if let Some(seq) = seq {
-                    expression.push_str(", #s = :s");
-                    update = update
-                        .expression_attribute_names("#s", SEQUENCE_NUMBER)
-                        .expression_attribute_values(":s", s(seq));
-                }
-                if *finished {
-                    expression.push_str(", #f = :f");
-                    update = update
-                        .expression_attribute_names("#f", FINISHED)
-                        .expression_attribute_values(":f", AttributeValue::Bool(true));
-                }
-                let update = update
-                    .update_expression(expression)
-                    .build()
-                    .map_err(config_error)?;
-                request =
-                    request.transact_items(TransactWriteItem::builder().update(update).build());
-            }
-            if let Err(e) = request.send().await {
-                let lost = e
-                    .as_service_error()
-                    .is_some_and(|e| e.is_transaction_canceled_exception());
-                if lost {
-                    let mut state = lock(&self.inner.state);
-                    *state = State::default();
-                    return Err(StoreError::Conflict(format!(
-                        "the stream lease of consumer `{}` was taken by another process; \
-                         checkpoints not written, buffer dropped",
-                        c.consumer
-                    )));
-                }
-                // Keep what was not written for the next flush.
-                let mut state = lock(&self.inner.state);
-                for (shard, seq, finished) in
-                    updates.into_iter().skip(n * CHECKPOINTS_PER_TRANSACTION)
-                {
-                    if let Some(seq) = seq {
-                        state.buffer.advanced.entry(shard.clone()).or_insert(seq);
-                    }
-                    if finished {
-                        state.finished_unwritten.push(shard);
-                    }
-                }
-                return Err(outbox_aws::store_error("TransactWriteItems", e));
-            }
-        }
-        Ok(())
-    }
-
-    // ---- replays ----------------------------------------------------------
-
-    async fn poll_replays(&self, limit: usize) -> Result<(), StoreError> {
-        let due = {
-            let state = lock(&self.inner.state);
-            state
-                .replays_polled_at
-                .is_none_or(|at| at.elapsed() >= self.inner.config.poll_interval)
-        };
-        if !due {
-            return Ok(());
-        }
-        lock(&self.inner.state).replays_polled_at = Some(Instant::now());
-        let replays = self.inner.dead_letters.take_replays(limit.max(1)).await?;
-        let mut state = lock(&self.inner.state);
-        for event in replays {
-            if !state.replays_to_finish.contains(&event.id)
-                && !state.buffer.is_replay_buffered(&event.id)
-            {
-                state.buffer.push_replay(event);
-            }
-        }
-        Ok(())
-    }
-
-    async fn finish_replays(&self, mut ids: Vec<EventId>) {
-        ids.append(&mut lock(&self.inner.state).replays_to_finish);
-        if ids.is_empty() {
-            return;
-        }
-        if let Err(e) = self.inner.dead_letters.finish_replays(&ids).await {
-            tracing::warn!(error = %e, "stream source: replay items not removed yet; retrying later");
-            lock(&self.inner.state).replays_to_finish.extend(ids);
-        }
-    }
-}
-
-impl ClaimSource for StreamSource {
-    type Receipt = StreamReceipt;
-
-    async fn claim(&self, request: ClaimRequest) -> Result<Claimed<StreamReceipt>, StoreError> {
-        if !self.ensure_lease().await? {
-            return Ok(Claimed::empty(LeaseId::new()));
-        }
-        // Another clone reading already fills the same buffer.
-        let read = match self.inner.reading.try_lock() {
-            Ok(_reading) => self.read_shards().await.map(|_| ()),
-            Err(_) => Ok(()),
-        };
-        let replays = self.poll_replays(request.limit).await;
-        let mut state = lock(&self.inner.state);
-        let claimed = state.buffer.claim(request.limit, request.lease);
-        if claimed.events.is_empty() {
-            read?;
-            replays?;
-        } else if let Err(e) = read.and(replays) {
-            tracing::warn!(error = %e, "stream source: reading failed; serving the buffer");
-        }
-        Ok(claimed)
-    }
-
-    async fn settle(
-        &self,
-        lease: LeaseId,
-        settlements: Settlements<StreamReceipt>,
-    ) -> Result<u64, StoreError> {
-        let mut applied = Applied::default();
-        let dead_rows = {
-            let mut state = lock(&self.inner.state);
-            let b = &mut state.buffer;
-            b.published(lease, &settlements.published, &mut applied);
-            b.retry(lease, &settlements.retry, &mut applied);
-            b.release(lease, &settlements.released, &mut applied);
-            b.dead_rows(lease, &settlements.dead)
-        };
-        if !dead_rows.is_empty() {
-            // Stored before they leave the buffer, so none is lost; if this
-            // fails they stay claimed until the lease ends, then run again.
-            match self.inner.dead_letters.put_events(&dead_rows).await {
-                Ok(()) => {
-                    let dead: Vec<_> = settlements.dead.iter().map(|(r, _)| *r).collect();
-                    lock(&self.inner.state)
-                        .buffer
-                        .dead(lease, &dead, &mut applied);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "stream source: dead letters not stored; they run again");
-                }
-            }
-        }
-        self.finish_replays(std::mem::take(&mut applied.finished_replays))
-            .await;
-        self.update_finished();
-        if let Err(e) = self.flush_checkpoints().await {
-            // The outcome is recorded in memory; the checkpoint follows on
-            // the next write, and a restart meanwhile only re-publishes.
-            tracing::warn!(error = %e, "stream source: checkpoint not written yet");
-        }
-        Ok(applied.count)
-    }
-
-    async fn wait_for_events(&self, max_wait: Duration) {
-        let until = tokio::time::Instant::now() + max_wait;
-        loop {
-            if lock(&self.inner.state).buffer.has_due() {
-                return;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= until {
-                return;
-            }
-            tokio::time::sleep((until - now).min(Duration::from_millis(25))).await;
-        }
-    }
-}
-
-impl Stats for StreamSource {
-    /// `pending` counts events read and not settled plus replays waiting;
-    /// `published` counts this process's publications. The stream's backlog
-    /// beyond the buffer shows in CloudWatch as `IteratorAge`.
-    async fn stats(&self) -> Result<OutboxStats, StoreError> {
-        let dead = self.inner.dead_letters.count_dead().await?;
-        let replays = self.inner.dead_letters.count_replays().await?;
-        let state = lock(&self.inner.state);
-        let unfinished = state.replays_to_finish.len() as u64;
-        let mut stats = OutboxStats::default();
-        stats.pending = state.buffer.stream_pending() + replays.saturating_sub(unfinished);
-        stats.published = state.buffer.published;
-        stats.dead = dead;
-        stats.oldest_pending_at = state.buffer.oldest_pending_at();
-        Ok(stats)
-    }
-}
-
-impl DeadLetters for StreamSource {
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        self.inner.dead_letters.dead_letters(limit).await
-    }
-
-    async fn replay(&self, which: ReplaySelector) -> Result<u64, StoreError> {
-        self.inner.dead_letters.replay(which).await
-    }
-}
-
-impl Purge for StreamSource {
-    /// Nothing to purge: DynamoDB drops stream records after 24 hours, and
-    /// each aggregate's outbox item holds its latest transaction, which the
-    /// next write's version condition needs.
-    async fn purge_published(&self, _before: DateTime<Utc>) -> Result<u64, StoreError> {
-        Ok(0)
     }
 }
