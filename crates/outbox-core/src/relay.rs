@@ -7,8 +7,9 @@
 //! invocation) hands out prefixes of each aggregate's queue through
 //! [`ClaimSource`], and the relay does the rest:
 //!
-//! - waves: at most one event per aggregate per publish call, the next only
-//!   once the previous is confirmed;
+//! - ordering: at most one event per aggregate per publish call, an
+//!   aggregate's next event as soon as its previous one is confirmed (other
+//!   aggregates' calls are not waited for);
 //! - retries: a failure the broker reports for one entry counts toward that
 //!   entry's attempts and sets `next_attempt_at` by the [`RetryPolicy`];
 //!   permanent failures and exhausted attempts are dead-lettered;
@@ -19,7 +20,7 @@
 //! - deadlines: no call runs past the claim's lease or the caller's
 //!   deadline; what was not sent by then is released for the next relay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
 use crate::error::{Disposition, PublishError, StoreError};
@@ -454,77 +455,73 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 .dead
                 .push((entry.receipt, format!("malformed: {}", entry.reason)));
         }
-        let (aggregates, waves) = into_waves(claimed.events);
-        // Aggregates with a failure in this batch: their later events wait.
-        let mut blocked = vec![false; aggregates];
-        let mut stopping = false;
+        let mut lanes = Lanes::new(claimed.events);
+        let max_batch = self.publisher.max_batch_size().max(1);
+        let mut calls = FuturesUnordered::new();
+        let mut stop_starting = false;
         let mut target_down: Option<PublishError> = None;
         // Whether the target answered any call of this batch.
         let mut answered = false;
         let mut deadline_hit = false;
-        for wave in waves {
-            stopping = stopping || shutdown.as_mut().is_some_and(|s| s.fired());
-            if Instant::now() >= publish_by {
-                deadline_hit = true;
+        loop {
+            while !stop_starting && calls.len() < self.config.publish_concurrency {
+                if shutdown.as_mut().is_some_and(|s| s.fired()) || target_down.is_some() {
+                    stop_starting = true;
+                } else if Instant::now() >= publish_by {
+                    deadline_hit = true;
+                    stop_starting = true;
+                }
+                let ready = lanes.ready(max_batch);
+                // With calls in flight, a part-filled call waits for them:
+                // each answer frees more aggregates, and every call has a
+                // fixed cost.
+                if stop_starting || ready == 0 || (!calls.is_empty() && ready < max_batch) {
+                    break;
+                }
+                let (events, tickets) = lanes.take_heads(max_batch);
+                calls.push(self.call(events, tickets, publish_by));
             }
-            let hold_all = stopping || deadline_hit || target_down.is_some();
-            let (send, held): (Vec<_>, Vec<_>) = wave
-                .into_iter()
-                .partition(|(aggregate, _)| !hold_all && !blocked[*aggregate]);
-            settlements
-                .released
-                .extend(held.into_iter().map(|(_, c)| c.receipt));
-            if send.is_empty() {
-                continue;
-            }
-            // The events go to the publisher by reference; what settling
-            // needs stays beside them.
-            let (events, tickets): (Vec<Event>, Vec<_>) = send
-                .into_iter()
-                .map(|(aggregate, c)| (c.event, (aggregate, c.attempts, c.receipt)))
-                .unzip();
-            let results = self.publish_wave(&events, publish_by).await;
-            for ((event, (aggregate, attempts, receipt)), result) in
-                events.iter().zip(tickets).zip(results)
+            let Some((events, tickets, outcomes)) = calls.next().await else {
+                break;
+            };
+            for ((event, (lane, attempts, receipt)), outcome) in
+                events.iter().zip(tickets).zip(outcomes)
             {
-                answered |= match &result {
+                answered |= match &outcome {
                     Outcome::Sent(Ok(())) => true,
                     Outcome::Sent(Err(e)) => !e.is_target_failure(),
                     Outcome::Cut => false,
                 };
-                match result {
+                let failed = !matches!(outcome, Outcome::Sent(Ok(())));
+                lanes.answered(lane, failed);
+                match outcome {
                     Outcome::Sent(Ok(())) => settlements.published.push(receipt),
                     Outcome::Cut => {
                         // The deadline came first: not a failure of anything.
                         deadline_hit = true;
-                        blocked[aggregate] = true;
                         settlements.released.push(receipt);
                     }
                     Outcome::Sent(Err(error)) if error.is_target_failure() => {
-                        blocked[aggregate] = true;
                         settlements
                             .deferred
                             .push((receipt, Utc::now(), error.to_string()));
                         target_down.get_or_insert(error);
                     }
                     Outcome::Sent(Err(error)) => {
-                        blocked[aggregate] = true;
                         self.settle_failure(event, attempts, receipt, error, &mut settlements);
                     }
                 }
             }
         }
+        // Behind a failure, a shutdown, the deadline or an outage.
+        settlements.released.extend(lanes.into_unsent());
         if deadline_hit && !batch_deadline.callers {
             tracing::warn!(
                 released = settlements.released.len(),
                 "relay: batch reached the end of its lease; releasing what was not sent (a longer lease or a smaller batch avoids this)"
             );
         }
-        self.track_outage(
-            target_down.as_ref(),
-            answered,
-            &mut settlements,
-        );
+        self.track_outage(target_down.as_ref(), answered, &mut settlements);
 
         let report = BatchReport {
             claimed: count,
@@ -658,21 +655,15 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Publishes one wave (at most one event per aggregate) in calls of the
-    /// publisher's batch size, several calls at once, none past `publish_by`.
-    async fn publish_wave(&self, events: &[Event], publish_by: Instant) -> Vec<Outcome> {
-        let chunk = self.publisher.max_batch_size().max(1);
-        // Futures collected first: a closure in the stream would make the
-        // relay's future lose `Send` (rust-lang/rust#102211).
-        let calls: Vec<_> = events
-            .chunks(chunk)
-            .map(|events| self.publish_call(events, publish_by))
-            .collect();
-        stream::iter(calls)
-            .buffered(self.config.publish_concurrency)
-            .flat_map(stream::iter)
-            .collect()
-            .await
+    /// One call, owning its events, answered with them and their tickets.
+    async fn call<T>(
+        &self,
+        events: Vec<Event>,
+        tickets: Vec<T>,
+        publish_by: Instant,
+    ) -> (Vec<Event>, Vec<T>, Vec<Outcome>) {
+        let outcomes = self.publish_call(&events, publish_by).await;
+        (events, tickets, outcomes)
     }
 
     /// One publish call, bounded by the publish timeout and the deadline,
@@ -715,30 +706,93 @@ enum Outcome {
     Cut,
 }
 
-/// Splits a claim into waves: wave k holds the k-th claimed event of every
-/// aggregate, so no publish call carries two events of one aggregate and an
-/// aggregate's next event is only sent once its previous one is confirmed.
-/// Each event comes with its aggregate's number, below the returned count.
-type Waves<R> = Vec<Vec<(usize, ClaimedEvent<R>)>>;
+/// A claim as one queue per aggregate, in order of first appearance. A call
+/// takes at most the head of each aggregate whose previous event is
+/// confirmed: no call carries two events of one aggregate, and an
+/// aggregate's next event goes out as soon as its previous one is confirmed,
+/// without waiting for other aggregates' calls.
+struct Lanes<R> {
+    lanes: Vec<Lane<R>>,
+}
 
-fn into_waves<R>(events: Vec<ClaimedEvent<R>>) -> (usize, Waves<R>) {
-    // Per aggregate: its number and the wave its next event goes to.
-    let mut seen: HashMap<(String, String), (usize, usize)> = HashMap::new();
-    let mut waves: Waves<R> = Vec::new();
-    for claimed in events {
-        let next = seen.len();
-        let key = (
-            claimed.event.aggregate_type.clone(),
-            claimed.event.aggregate_id.clone(),
-        );
-        let (aggregate, slot) = seen.entry(key).or_insert((next, 0));
-        if waves.len() <= *slot {
-            waves.push(Vec::new());
-        }
-        waves[*slot].push((*aggregate, claimed));
-        *slot += 1;
+struct Lane<R> {
+    queue: VecDeque<ClaimedEvent<R>>,
+    /// Its head is being published.
+    busy: bool,
+    /// Something failed: the rest waits for a later claim.
+    blocked: bool,
+}
+
+impl<R> Lane<R> {
+    fn ready(&self) -> bool {
+        !self.busy && !self.blocked && !self.queue.is_empty()
     }
-    (seen.len(), waves)
+}
+
+/// What settling an event needs: its lane, attempts so far and receipt.
+type Ticket<R> = (usize, u32, R);
+
+impl<R> Lanes<R> {
+    fn new(events: Vec<ClaimedEvent<R>>) -> Self {
+        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        let mut lanes: Vec<Lane<R>> = Vec::new();
+        for claimed in events {
+            let key = (
+                claimed.event.aggregate_type.clone(),
+                claimed.event.aggregate_id.clone(),
+            );
+            let next = lanes.len();
+            let lane = *index.entry(key).or_insert(next);
+            if lane == next {
+                lanes.push(Lane {
+                    queue: VecDeque::new(),
+                    busy: false,
+                    blocked: false,
+                });
+            }
+            lanes[lane].queue.push_back(claimed);
+        }
+        Self { lanes }
+    }
+
+    /// How many aggregates could go into a call now, up to `max`.
+    fn ready(&self, max: usize) -> usize {
+        self.lanes.iter().filter(|l| l.ready()).take(max).count()
+    }
+
+    /// The heads of up to `max` ready aggregates, earliest first.
+    fn take_heads(&mut self, max: usize) -> (Vec<Event>, Vec<Ticket<R>>) {
+        let mut events = Vec::new();
+        let mut tickets = Vec::new();
+        for (i, lane) in self.lanes.iter_mut().enumerate() {
+            if events.len() == max {
+                break;
+            }
+            if !lane.ready() {
+                continue;
+            }
+            if let Some(head) = lane.queue.pop_front() {
+                lane.busy = true;
+                tickets.push((i, head.attempts, head.receipt));
+                events.push(head.event);
+            }
+        }
+        (events, tickets)
+    }
+
+    fn answered(&mut self, lane: usize, failed: bool) {
+        if let Some(lane) = self.lanes.get_mut(lane) {
+            lane.busy = false;
+            lane.blocked |= failed;
+        }
+    }
+
+    /// Receipts of everything not sent.
+    fn into_unsent(self) -> impl Iterator<Item = R> {
+        self.lanes
+            .into_iter()
+            .flat_map(|l| l.queue.into_iter().map(|c| c.receipt))
+    }
 }
 
 /// The caller's shutdown future, asked "has it fired?" without waiting, as
@@ -786,8 +840,8 @@ mod tests {
     }
 
     #[test]
-    fn waves_hold_one_event_per_aggregate_in_order() {
-        let (aggregates, waves) = into_waves(vec![
+    fn a_call_takes_one_head_per_aggregate_and_the_next_after_an_answer() {
+        let mut lanes = Lanes::new(vec![
             claimed("a", 1),
             claimed("b", 1),
             claimed("a", 2),
@@ -795,23 +849,26 @@ mod tests {
             claimed("b", 2),
             claimed("c", 7),
         ]);
-        let shape: Vec<Vec<(String, u64)>> = waves
-            .iter()
-            .map(|w| {
-                w.iter()
-                    .map(|(_, c)| (c.event.aggregate_id.clone(), c.event.aggregate_version))
-                    .collect()
-            })
-            .collect();
+        let versions = |events: &[Event]| -> Vec<(String, u64)> {
+            events
+                .iter()
+                .map(|e| (e.aggregate_id.clone(), e.aggregate_version))
+                .collect()
+        };
+        let (first, tickets) = lanes.take_heads(10);
         assert_eq!(
-            shape,
-            vec![
-                vec![("a".into(), 1), ("b".into(), 1), ("c".into(), 7)],
-                vec![("a".into(), 2), ("b".into(), 2)],
-                vec![("a".into(), 3)],
-            ]
+            versions(&first),
+            vec![("a".into(), 1), ("b".into(), 1), ("c".into(), 7)]
         );
-        assert_eq!(aggregates, 3);
+        // Nothing more until an answer comes.
+        assert_eq!(lanes.ready(10), 0);
+        // `a` confirmed, `b` failed: only `a` goes on, `b` waits.
+        lanes.answered(tickets[0].0, false);
+        lanes.answered(tickets[1].0, true);
+        let (second, _) = lanes.take_heads(10);
+        assert_eq!(versions(&second), vec![("a".into(), 2)]);
+        let unsent: Vec<u64> = lanes.into_unsent().collect();
+        assert_eq!(unsent, vec![3, 2]);
     }
 
     #[test]

@@ -37,7 +37,7 @@ impl Stats for SqliteOutbox {
 
 impl DeadLetters for SqliteOutbox {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let json: String = sqlx::query_scalar(rows_as_json!(
+        let json: String = sqlx::query_scalar(rows_as_json!(safe;
             "SELECT * FROM outbox WHERE status = 'dead' AND skipped_at IS NULL
              ORDER BY position LIMIT ?1"
         ))

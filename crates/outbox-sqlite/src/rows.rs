@@ -15,11 +15,25 @@ use crate::error::corrupt;
 use outbox_core::StoreError;
 
 /// `SELECT` of one JSON array holding every row of the subquery `$from`.
-/// Each row is the array decoded by [`decode`]. A text column holding a BLOB
-/// would make `json_array` fail for the whole batch: it comes out as
-/// `{"blob": LENGTH}` instead, and only its row is refused.
+/// Each row is the array decoded by [`decode`].
+///
+/// `rows_as_json!(fast; ...)` reads the columns as they are, which is what
+/// a claim does; but one text column holding a BLOB (edited by hand, written
+/// by another program) makes `json_array` fail the whole batch.
+/// `rows_as_json!(safe; ...)` then reads every such cell as
+/// `{"blob": LENGTH}`, so only its row is refused.
 macro_rules! rows_as_json {
-    ($($from:literal),+) => {
+    (fast; $($from:expr),+) => {
+        concat!(
+            "SELECT json_group_array(json_array(position, id, aggregate_type, aggregate_id,
+                aggregate_version, event_type, payload, occurred_at, traceparent,
+                correlation_id, causation_id, attempts, last_error))
+             FROM (",
+            $($from,)+
+            ")"
+        )
+    };
+    (safe; $($from:expr),+) => {
         concat!(
             "SELECT json_group_array(json_array(position,
                 IIF(typeof(id) = 'blob', json_object('blob', length(id)), id),
