@@ -1,10 +1,89 @@
-//! What the EventBridge, SQS and SNS publishers share: splitting a request
-//! into service calls, refusing oversize entries, and reading per-entry
-//! failures of batch calls.
+//! What the EventBridge, SQS and SNS publishers share: the publish loop
+//! itself ([`publish_in_calls`]: build, size-check, split into calls, send,
+//! read per-entry results), so each publisher keeps only what differs: how
+//! an event becomes an entry and how one call is made and read.
 
+use std::future::Future;
 use std::ops::Range;
 
 use outbox_core::{Event, PublishError, PublishResult};
+
+/// The limits and names of one batch API.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits<'a> {
+    /// The API's name, for errors and logs (`PutEvents`, `SendMessageBatch`).
+    pub operation: &'a str,
+    /// What the call sends to, for logs (a bus, queue URL or topic ARN).
+    pub target: &'a str,
+    /// Largest entry accepted; larger ones fail permanently, unsent.
+    pub max_entry_bytes: usize,
+    /// Names that limit in the refusal ("SQS message limit").
+    pub entry_limit_name: &'a str,
+    /// Most entries a call takes.
+    pub max_entries: usize,
+    /// Largest total of entry sizes a call takes.
+    pub max_request_bytes: usize,
+}
+
+/// Publishes `events` in as few calls as the limits allow, in order, and
+/// returns one result per event.
+///
+/// `build` turns an event (and its index in the request) into an entry and
+/// `size` measures it as the service does; an entry that cannot be built or
+/// is too big gets its permanent failure at once and is never sent. `call`
+/// makes one service call with consecutive accepted entries (moved into it)
+/// and answers with the result of each entry by its request index, or with
+/// the failure of the whole call, which then becomes every entry's result
+/// (see [`crate::publish_error`]: a target-wide failure spends no attempts).
+pub async fn publish_in_calls<'e, E, F, Fut>(
+    events: &'e [Event],
+    limits: CallLimits<'_>,
+    mut build: impl FnMut(usize, &Event) -> Result<E, PublishError>,
+    size: impl Fn(&E) -> usize,
+    mut call: F,
+) -> Vec<PublishResult>
+where
+    F: FnMut(Vec<Accepted<'e, E>>) -> Fut,
+    Fut: Future<Output = Result<Vec<(usize, PublishResult)>, PublishError>>,
+{
+    let mut results = Results::new(events.len());
+    let accepted = accept(
+        events,
+        &mut results,
+        limits.max_entry_bytes,
+        limits.entry_limit_name,
+        &mut build,
+        size,
+    );
+    let sizes: Vec<usize> = accepted.iter().map(|a| a.size).collect();
+    // Calls are consecutive ranges in order: each takes its entries off the
+    // front, so no entry is copied.
+    let mut unsent = accepted.into_iter();
+    for range in split_calls(&sizes, limits.max_entries, limits.max_request_bytes) {
+        let chunk: Vec<Accepted<'e, E>> = unsent.by_ref().take(range.len()).collect();
+        let indexes: Vec<usize> = chunk.iter().map(|a| a.index).collect();
+        match call(chunk).await {
+            Ok(answered) => {
+                for (index, result) in answered {
+                    results.set(index, result);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    target = limits.target,
+                    target_wide = error.is_target_failure(),
+                    "{} failed",
+                    limits.operation
+                );
+                for index in indexes {
+                    results.set(index, Err(error.clone()));
+                }
+            }
+        }
+    }
+    results.finish(limits.operation)
+}
 
 /// Splits entries of the given sizes, in order, into consecutive calls of at
 /// most `max_entries` entries whose sizes add up to at most `max_total_bytes`.
@@ -212,6 +291,73 @@ mod tests {
             Disposition::Transient
         );
         assert!(out[1].is_ok());
+    }
+
+    fn limits() -> CallLimits<'static> {
+        CallLimits {
+            operation: "Op",
+            target: "t",
+            max_entry_bytes: 10,
+            entry_limit_name: "test limit",
+            max_entries: 2,
+            max_request_bytes: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_loop_sends_in_order_and_spreads_call_failures() {
+        let events: Vec<Event> = (1..=5)
+            .map(|v| Event::builder("Order", "o-1", v, "X").build().unwrap())
+            .collect();
+        let mut calls = Vec::new();
+        let results = publish_in_calls(
+            &events,
+            limits(),
+            // Event 3 is too big; event 5 cannot be built.
+            |i, e| match e.aggregate_version {
+                3 => Ok(20),
+                5 => Err(PublishError::permanent(format!("cannot build {i}"))),
+                _ => Ok(1),
+            },
+            |size: &usize| *size,
+            |chunk: Vec<Accepted<'_, usize>>| {
+                let indexes: Vec<usize> = chunk.iter().map(|a| a.index).collect();
+                calls.push(indexes.clone());
+                let first_call = calls.len() == 1;
+                async move {
+                    if first_call {
+                        Ok(indexes.into_iter().map(|i| (i, Ok(()))).collect())
+                    } else {
+                        Err(PublishError::unavailable("Op: connection refused"))
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(calls, vec![vec![0, 1], vec![3]]);
+        assert!(results[0].is_ok() && results[1].is_ok());
+        let oversize = results[2].as_ref().unwrap_err();
+        assert_eq!(oversize.disposition(), Disposition::Permanent);
+        assert!(!oversize.is_target_failure());
+        assert!(results[3].as_ref().unwrap_err().is_target_failure());
+        assert_eq!(results[4].as_ref().unwrap_err().message(), "cannot build 4");
+    }
+
+    #[tokio::test]
+    async fn an_empty_request_makes_no_call() {
+        let mut called = false;
+        let results = publish_in_calls(
+            &[],
+            limits(),
+            |_, _| Ok(1usize),
+            |size: &usize| *size,
+            |_chunk: Vec<Accepted<'_, usize>>| {
+                called = true;
+                async { Ok(Vec::new()) }
+            },
+        )
+        .await;
+        assert!(results.is_empty() && !called);
     }
 
     #[test]

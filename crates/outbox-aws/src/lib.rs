@@ -6,5 +6,5 @@ pub mod error;
 pub mod testing;
 pub mod xray;
 
-pub use config::load_config;
-pub use error::{classify, describe, publish_error, store_error};
+pub use config::{check_config, load_config, load_config_with_region};
+pub use error::{classify, describe, is_target_failure, publish_error, store_error, AwsError};

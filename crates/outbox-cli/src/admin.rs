@@ -6,7 +6,7 @@ use chrono::Utc;
 use clap::Subcommand;
 use outbox_core::{DeadLetters, EventId, Purge, ReplaySelector, Stats};
 
-use crate::target::{with_store, StoreUrl};
+use crate::target::{open_existing, StoreUrl};
 use crate::{print_json, CliError};
 
 #[derive(Debug, Subcommand)]
@@ -52,7 +52,7 @@ pub async fn status(
     max_pending_age: Option<Duration>,
     fail_on_dead: bool,
 ) -> Result<(), CliError> {
-    let stats = with_store!(url.open_existing().await?, s => s.stats().await?);
+    let stats = open_existing(url).await?.stats().await?;
     let age = stats
         .oldest_pending_at
         .map(|t| (Utc::now() - t).to_std().unwrap_or(Duration::ZERO));
@@ -62,6 +62,8 @@ pub async fn status(
             "published": stats.published,
             "dead": stats.dead,
             "oldest_pending_age_s": age.map(|a| a.as_secs_f64()),
+            "lost": stats.lost,
+            "last_error": stats.last_error,
         }));
     } else {
         println!("store:      {url}");
@@ -75,6 +77,18 @@ pub async fn status(
             ),
             None => println!("oldest pending: none"),
         }
+        println!("lost:       {}", stats.lost);
+        println!(
+            "last error: {}",
+            stats.last_error.as_deref().unwrap_or("none")
+        );
+    }
+    // Events lost before a relay could read them always need a person.
+    if stats.lost > 0 {
+        return Err(CliError::Check(format!(
+            "{} event(s) were lost before they could be relayed (see `outbox dead-letters list`)",
+            stats.lost
+        )));
     }
     if let (Some(age), Some(max)) = (age, max_pending_age) {
         if age > max {
@@ -101,8 +115,7 @@ fn round(d: Duration) -> Duration {
 pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
     match cmd {
         DeadLetterCommand::List { store, limit, json } => {
-            let letters =
-                with_store!(store.open_existing().await?, s => s.dead_letters(limit).await?);
+            let letters = open_existing(&store).await?.dead_letters(limit).await?;
             for d in &letters {
                 if json {
                     print_json(d);
@@ -133,13 +146,13 @@ pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
         }
         DeadLetterCommand::Replay { store, ids, all } => {
             let which = selector(&ids, all);
-            let replayed = with_store!(store.open_existing().await?, s => s.replay(which).await?);
+            let replayed = open_existing(&store).await?.replay(which).await?;
             println!("replayed {replayed} dead letter(s)");
             check_all_found(&ids, all, replayed)
         }
         DeadLetterCommand::Skip { store, ids, all } => {
             let which = selector(&ids, all);
-            let skipped = with_store!(store.open_existing().await?, s => s.skip(which).await?);
+            let skipped = open_existing(&store).await?.skip(which).await?;
             println!("skipped {skipped} dead letter(s)");
             check_all_found(&ids, all, skipped)
         }
@@ -168,7 +181,7 @@ fn check_all_found(ids: &[EventId], all: bool, done: u64) -> Result<(), CliError
 pub async fn purge(url: &StoreUrl, older_than: Duration) -> Result<(), CliError> {
     // An age past the calendar's start purges everything published: saturate.
     let before = outbox_core::time::sub(Utc::now(), older_than);
-    let purged = with_store!(url.open_existing().await?, s => s.purge_published(before).await?);
+    let purged = open_existing(url).await?.purge_published(before).await?;
     println!(
         "purged {purged} published event(s) older than {}",
         humantime::format_duration(older_than)

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::latency::percentile_ms;
 use crate::progress::Progress;
-use crate::target::{Store, StoreUrl, TargetUrl};
+use crate::target::{self, Store, StoreUrl, TargetUrl};
 use crate::{print_json, CliError};
 
 #[derive(Debug, Args)]
@@ -82,9 +82,9 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
             "--events, --rate and --events-per-aggregate must be at least 1".into(),
         ));
     }
-    let (url, _temp) = StoreUrl::or_temporary(args.store.as_ref(), "bench.db")?;
-    let publisher = args.to.publisher("urn:outbox:bench").await?;
-    let Store::Sqlite(store) = url.open().await? else {
+    let (url, _temp) = target::or_temporary(args.store.as_ref(), "bench.db")?;
+    let publisher = target::open_target(&args.to, "urn:outbox:bench").await?;
+    let Store::Sqlite(store) = target::open_store(&url).await? else {
         return Err(CliError::Usage(
             "bench measures the embedded store: use --store sqlite://FILE".into(),
         ));

@@ -22,6 +22,10 @@ use target::StoreUrl;
     about = "Transactional outbox: record domain events with your data, deliver them reliably"
 )]
 struct Cli {
+    /// AWS region of DynamoDB stores and AWS targets (default: AWS_REGION
+    /// or the profile's region).
+    #[arg(long, global = true)]
+    region: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +70,8 @@ enum Command {
 pub enum CliError {
     Usage(String),
     Store(outbox_core::StoreError),
+    /// A store or target that cannot be named or opened as given.
+    Registry(outbox_registry::RegistryError),
     /// The run finished but broke a guarantee it checks.
     Check(String),
 }
@@ -75,6 +81,7 @@ impl std::fmt::Display for CliError {
         match self {
             CliError::Usage(m) | CliError::Check(m) => f.write_str(m),
             CliError::Store(e) => write!(f, "{e}"),
+            CliError::Registry(e) => write!(f, "{e}"),
         }
     }
 }
@@ -82,6 +89,12 @@ impl std::fmt::Display for CliError {
 impl From<outbox_core::StoreError> for CliError {
     fn from(e: outbox_core::StoreError) -> Self {
         CliError::Store(e)
+    }
+}
+
+impl From<outbox_registry::RegistryError> for CliError {
+    fn from(e: outbox_registry::RegistryError) -> Self {
+        CliError::Registry(e)
     }
 }
 
@@ -93,6 +106,7 @@ impl From<sqlx::Error> for CliError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    target::set_region(cli.region.clone());
     // A relay is a service: say what it does. Other commands print their own results.
     let default_level = match cli.command {
         Command::Relay(_) => "info",

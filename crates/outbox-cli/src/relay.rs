@@ -4,9 +4,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Args;
-use outbox_core::{ClaimSource, Publisher, Relay, RelayConfig};
+use outbox_core::{time, Relay, RelayConfig};
 
-use crate::target::{with_store, Store, StoreUrl, TargetUrl};
+use crate::target::{open_existing, open_target, StoreUrl, TargetUrl};
 use crate::{shutdown_signal, CliError};
 
 #[derive(Debug, Args)]
@@ -43,66 +43,83 @@ pub struct RelayArgs {
 const REPORT_EVERY: Duration = Duration::from_secs(30);
 
 pub async fn run(args: RelayArgs) -> Result<(), CliError> {
-    let publisher = args.to.publisher(&args.source).await?;
+    // Absurd durations are refused by the flag the user gave, before
+    // anything is opened.
+    for (flag, value, max) in [
+        ("--lease", args.lease, time::MAX_LEASE),
+        ("--poll", args.poll, time::MAX_WAIT),
+        ("--publish-timeout", args.publish_timeout, time::MAX_WAIT),
+    ] {
+        time::check_at_most(flag, value, max).map_err(CliError::Usage)?;
+    }
     let config = RelayConfig::default()
         .batch_size(args.batch_size)
         .max_attempts(args.max_attempts)
         .idle_poll(args.poll)
         .lease(args.lease)
         .publish_timeout(args.publish_timeout);
-    let store = args.store.open_existing().await?;
+    config.validate()?;
+    // What can be known at start fails the start: no region, no
+    // credentials, a bus or queue that does not exist, a missing store.
+    let publisher = open_target(&args.to, &args.source).await?;
+    let store = open_existing(&args.store).await?;
     tracing::info!(store = %args.store, to = %args.to, batch_size = args.batch_size, "relay started");
-    // A stream relay hands its lease back on the way out, so the next one
-    // (or a restart) takes over at once instead of waiting it out.
-    let stream = match &store {
-        Store::DynamoStream(source) => Some(source.clone()),
-        _ => None,
-    };
-    let result = with_store!(store, s => serve(s, publisher, config, args.once).await);
-    if let Some(source) = stream {
-        if let Err(e) = source.release().await {
-            tracing::warn!(error = %e, "relay: could not hand the stream back; the next relay waits for the lease");
-        }
-    }
-    result
-}
-
-async fn serve<S: ClaimSource, P: Publisher>(
-    store: S,
-    publisher: P,
-    config: RelayConfig,
-    once: bool,
-) -> Result<(), CliError> {
     let relay = Relay::new(store, publisher, config)?;
     let m = relay.metrics();
-    let report = if once {
-        relay.drain().await?
+    let report = if args.once {
+        // What was due at the start, then hand the source back.
+        let drained = relay.drain().await;
+        if let Err(e) = relay.close().await {
+            tracing::warn!(error = %e, "relay: could not hand back the source; the next relay waits for its lease");
+        }
+        drained?
     } else {
         let totals = async {
             let mut every = tokio::time::interval(REPORT_EVERY);
             every.tick().await;
             loop {
                 every.tick().await;
+                let outage = relay.outage();
                 tracing::info!(
                     published = m.published.load(Ordering::Relaxed),
                     retried = m.retried.load(Ordering::Relaxed),
                     dead_lettered = m.dead_lettered.load(Ordering::Relaxed),
+                    deferred = m.deferred.load(Ordering::Relaxed),
                     store_errors = m.store_errors.load(Ordering::Relaxed),
+                    target_down_since = outage.as_ref().map(|o| o.since.to_rfc3339()),
                     "relay totals"
                 );
             }
         };
+        // `run` hands the source back when it stops.
         tokio::select! {
             report = relay.run(shutdown_signal()) => report?,
             never = totals => never,
         }
     };
     eprintln!(
-        "relay stopped: published {}, retried {}, dead-lettered {}, released {}",
+        "relay stopped: published {}, retried {}, dead-lettered {}, deferred {}, released {}",
         m.published.load(Ordering::Relaxed),
         m.retried.load(Ordering::Relaxed),
         m.dead_lettered.load(Ordering::Relaxed),
+        m.deferred.load(Ordering::Relaxed),
         report.released
     );
+    // A drain that met a target down published only part of what was due:
+    // say so, and fail, so a scheduler sees it.
+    if args.once {
+        if let Some(outage) = relay.outage() {
+            return Err(CliError::Check(format!(
+                "target {} is unavailable: {} ({} event(s) deferred)",
+                args.to, outage.last_error, report.deferred
+            )));
+        }
+        if report.deferred > 0 {
+            return Err(CliError::Check(format!(
+                "target {} was unavailable: {} event(s) deferred",
+                args.to, report.deferred
+            )));
+        }
+    }
     Ok(())
 }

@@ -209,3 +209,44 @@ fn relay_publishes_a_dynamodb_outbox_to_sqs_in_aggregate_order() {
         assert!(more.is_empty(), "republished after a clean run: {more:?}");
     });
 }
+
+#[test]
+fn a_missing_queue_or_bus_fails_the_start_naming_the_url() {
+    require_local_endpoints(&["SQS", "EVENTBRIDGE"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("o.db");
+    runtime().block_on(async {
+        let outbox = outbox_sqlite::SqliteOutbox::open(&db).await.expect("open");
+        let mut tx = outbox.begin().await.expect("begin");
+        let event = Event::builder("Order", "o-1", 1, "OrderCreated")
+            .build()
+            .expect("event");
+        outbox.append(&mut tx, &[event]).await.expect("append");
+        outbox.commit(tx).await.expect("commit");
+    });
+    let store = format!("sqlite://{}", db.display());
+    let queue = unique_name("no-such-queue");
+    let bus = unique_name("no-such-bus");
+    for (target, says) in [
+        (
+            format!("sqs://{queue}"),
+            format!("queue `{queue}` does not exist"),
+        ),
+        (
+            format!("eventbridge://{bus}"),
+            format!("event bus `{bus}` does not exist"),
+        ),
+    ] {
+        let out = outbox(&["relay", "--store", &store, "--to", &target, "--once"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{target} must fail the start");
+        assert!(
+            err.contains(&format!("target {target}")) && err.contains(&says),
+            "{target}: {err}"
+        );
+    }
+    // Nothing was spent on the events.
+    let status = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+    assert_eq!(status["pending"], 1);
+    assert_eq!(status["dead"], 0);
+}

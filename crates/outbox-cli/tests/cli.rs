@@ -244,3 +244,113 @@ fn status_health_check_fails_when_events_wait_too_long() {
             .success()
     );
 }
+
+/// A SQLite store with one pending event, for commands that need one.
+fn store_with_one_event(dir: &Path) -> String {
+    let db = dir.join("t.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let outbox = outbox_sqlite::SqliteOutbox::open(&db).await.expect("open");
+        let mut tx = outbox.begin().await.expect("begin");
+        outbox
+            .append(
+                &mut tx,
+                &[outbox_testkit::order_event("o-1", 1, "OrderCreated")],
+            )
+            .await
+            .expect("append");
+        outbox.commit(tx).await.expect("commit");
+    });
+    format!("sqlite://{}", db.display())
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Exit code 101 is a Rust panic.
+fn assert_no_panic(out: &std::process::Output) {
+    assert_ne!(out.status.code(), Some(101), "panicked: {}", stderr(out));
+    assert!(!stderr(out).contains("panicked"), "{}", stderr(out));
+}
+
+#[test]
+fn extreme_durations_are_refused_or_saturated_never_a_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_one_event(dir.path());
+    // Refused with the setting's name.
+    for flag in ["--lease", "--poll", "--publish-timeout"] {
+        let out = outbox(&[
+            "relay", "--store", &store, "--to", "null://", "--once", flag, "1000000y",
+        ]);
+        assert_no_panic(&out);
+        assert!(!out.status.success(), "{flag} 1000000y must be refused");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("{flag} of")) && err.contains("too long"),
+            "{flag}: {err}"
+        );
+    }
+    // Beyond what a duration can hold: the parser refuses it.
+    let out = outbox(&[
+        "purge",
+        "--store",
+        &store,
+        "--older-than",
+        "99999999999999999999y",
+    ]);
+    assert_no_panic(&out);
+    assert!(!out.status.success());
+    // Saturated: older than the calendar's start means nothing is that old,
+    // and no event has waited a million years.
+    let out = outbox(&["purge", "--store", &store, "--older-than", "1000000y"]);
+    assert_no_panic(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("purged 0"));
+    let out = outbox(&["status", "--store", &store, "--max-pending-age", "1000000y"]);
+    assert_no_panic(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The event is still there and still flows.
+    let out = outbox(&["relay", "--store", &store, "--to", "null://", "--once"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+    assert_eq!(status["published"], 1);
+    assert_eq!(status["lost"], 0);
+    assert!(status["last_error"].is_null(), "{status}");
+}
+
+#[test]
+fn a_relay_without_a_region_fails_at_start_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_one_event(dir.path());
+    let home = tempfile::tempdir().expect("home");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"));
+    for var in ["AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"] {
+        command.env_remove(var);
+    }
+    let out = command
+        .env("HOME", home.path())
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        // Never wait on an instance metadata service that is not there.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["relay", "--store", &store, "--to", "sqs://orders", "--once"])
+        .output()
+        .expect("run outbox");
+    assert_no_panic(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no AWS region: pass --region or set AWS_REGION"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was touched: the event is still pending, not dead.
+    let status = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+    assert_eq!(
+        (status["pending"].as_u64(), status["dead"].as_u64()),
+        (Some(1), Some(0))
+    );
+}

@@ -115,7 +115,9 @@ fn relay_killed_mid_run_then_restarted_loses_nothing_and_keeps_order() {
     let written = write_events(&db);
 
     // First relay: killed without warning once it is well into the backlog.
-    let mut first = relay(&db, &["--lease", "1s", "--publish-timeout", "500ms"]);
+    // Its lease is short (it must exceed the publish timeout plus the
+    // relay's 1 s settle margin), so the restart need not wait long.
+    let mut first = relay(&db, &["--lease", "2s", "--publish-timeout", "500ms"]);
     let lines = lines_of(&mut first, Some(1));
     let mut received: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -139,7 +141,7 @@ fn relay_killed_mid_run_then_restarted_loses_nothing_and_keeps_order() {
     );
 
     // Second relay, after the dead relay's lease ran out: publishes what is due and exits.
-    std::thread::sleep(Duration::from_millis(1_200));
+    std::thread::sleep(Duration::from_millis(2_200));
     let mut second = relay(&db, &["--once"]);
     let lines = lines_of(&mut second, None);
     let status = second.wait().expect("second relay");

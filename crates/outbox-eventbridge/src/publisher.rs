@@ -4,7 +4,8 @@ use aws_sdk_eventbridge::operation::put_events::PutEventsOutput;
 use aws_sdk_eventbridge::primitives::DateTime;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use aws_sdk_eventbridge::Client;
-use outbox_aws::batch::{self, Results};
+use outbox_aws::batch::{self, CallLimits, Results};
+use outbox_aws::AwsError;
 use outbox_core::publish::DEFAULT_SOURCE;
 use outbox_core::{
     cloudevents, Disposition, Event, PublishError, PublishRequest, PublishResult, Publisher,
@@ -150,66 +151,73 @@ impl EventBridgePublisher {
     }
 }
 
+impl EventBridgePublisher {
+    /// Checks at start-up that the bus exists and the credentials may see
+    /// it, so a typo fails the start instead of pausing the relay forever.
+    pub async fn check(&self) -> Result<(), AwsError> {
+        match self
+            .client
+            .describe_event_bus()
+            .name(&self.bus_name)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
+            {
+                Err(AwsError::NotFound {
+                    resource: format!("event bus `{}`", self.bus_name),
+                })
+            }
+            Err(err) => Err(AwsError::call("DescribeEventBus", err)),
+        }
+    }
+}
+
 impl Publisher for EventBridgePublisher {
     fn max_batch_size(&self) -> usize {
         MAX_ENTRIES_PER_CALL
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
-        let mut results = Results::new(request.events.len());
-        // Index in the request, entry and size of the entries worth sending.
-        let mut indices = Vec::with_capacity(request.events.len());
-        let mut entries = Vec::with_capacity(request.events.len());
-        let mut sizes = Vec::with_capacity(request.events.len());
-        for (i, event) in request.events.iter().enumerate() {
-            let entry = self.entry(event);
-            let size = entry_size(&entry);
-            if size > self.max_entry_bytes {
-                let limit = "EventBridge entry limit";
-                results.set(
-                    i,
-                    Err(batch::oversize(event, size, self.max_entry_bytes, limit)),
-                );
-            } else {
-                indices.push(i);
-                entries.push(entry);
-                sizes.push(size);
-            }
-        }
-        // Calls are consecutive ranges in order: each takes its entries off
-        // the front, so no entry is copied.
-        let mut unsent = entries.into_iter();
-        for call in batch::split_calls(&sizes, MAX_ENTRIES_PER_CALL, MAX_REQUEST_BYTES) {
-            let chunk = &indices[call.clone()];
-            let entries: Vec<_> = unsent.by_ref().take(call.len()).collect();
-            let sent = self
-                .client
-                .put_events()
-                .set_entries(Some(entries))
-                .send()
-                .await;
-            match sent {
-                Ok(output) => {
-                    if output.failed_entry_count() > 0 {
-                        tracing::debug!(
-                            failed = output.failed_entry_count(),
-                            "PutEvents refused some entries"
-                        );
-                    }
-                    for (i, r) in chunk.iter().zip(read_response(&output, chunk.len())) {
-                        results.set(*i, r);
-                    }
+        let limits = CallLimits {
+            operation: OPERATION,
+            target: &self.bus_name,
+            max_entry_bytes: self.max_entry_bytes,
+            entry_limit_name: "EventBridge entry limit",
+            max_entries: MAX_ENTRIES_PER_CALL,
+            max_request_bytes: MAX_REQUEST_BYTES,
+        };
+        let client = &self.client;
+        batch::publish_in_calls(
+            request.events,
+            limits,
+            |_, event| Ok(self.entry(event)),
+            entry_size,
+            |chunk| async move {
+                let indexes: Vec<usize> = chunk.iter().map(|a| a.index).collect();
+                let entries = chunk.into_iter().map(|a| a.entry).collect();
+                let output = client
+                    .put_events()
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|err| outbox_aws::publish_error(OPERATION, err))?;
+                if output.failed_entry_count() > 0 {
+                    tracing::debug!(
+                        failed = output.failed_entry_count(),
+                        "PutEvents refused some entries"
+                    );
                 }
-                Err(err) => {
-                    let error = outbox_aws::publish_error(OPERATION, &err);
-                    tracing::warn!(%error, bus = %self.bus_name, "PutEvents failed");
-                    for i in chunk {
-                        results.set(*i, Err(error.clone()));
-                    }
-                }
-            }
-        }
-        results.finish(OPERATION)
+                // Entries are answered by position.
+                let results = read_response(&output, indexes.len());
+                Ok(indexes.into_iter().zip(results).collect())
+            },
+        )
+        .await
     }
 }
 

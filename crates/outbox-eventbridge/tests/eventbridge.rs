@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use outbox_core::cloudevents::Received;
-use outbox_core::{Disposition, PublishRequest, Publisher};
+use outbox_core::{Disposition, Event, PublishRequest, Publisher};
 use outbox_eventbridge::{setup, EventBridgePublisher};
 use outbox_sqs::SqsReceiver;
 use outbox_testkit::{order_event, PublisherHarness};
@@ -67,14 +67,23 @@ impl PublisherHarness for BusHarness {
         seen.extend(more);
         seen.clone()
     }
+
+    /// An event whose type was emptied after it was built (the builder
+    /// refuses an empty type; the fields are public): the publisher sends it
+    /// as an entry without a `DetailType`, which EventBridge refuses as an
+    /// entry (`InvalidArgument`, "DetailType is a required argument") while
+    /// the call succeeds.
+    fn broker_rejected_event(&self) -> Option<Event> {
+        let mut event = order_event("no-detail-type", 1, "OrderCreated");
+        event.event_type.clear();
+        Some(event)
+    }
 }
 
+// EventBridge promises no order, and the rule's target is a standard queue.
 outbox_testkit::publisher_conformance!(
     BusHarness::new,
-    outbox_testkit::PublisherFeatures {
-        broker_dedup: false,
-        max_entry_bytes: Some(outbox_eventbridge::MAX_ENTRY_BYTES),
-    }
+    outbox_testkit::PublisherFeatures::new().max_entry_bytes(outbox_eventbridge::MAX_ENTRY_BYTES)
 );
 
 #[tokio::test]
@@ -107,7 +116,16 @@ async fn an_unknown_bus_fails_every_entry_alike() {
     );
     assert_eq!(a.message(), b.message());
     assert!(a.message().starts_with("PutEvents: "), "{a}");
-    assert_eq!(a.disposition(), Disposition::Permanent, "{a}");
+    // A missing bus is the target's fault, not the events': the relay pauses
+    // and probes instead of spending their attempts.
+    assert!(a.is_target_failure(), "{a}");
+    assert_eq!(a.disposition(), Disposition::Transient, "{a}");
+    // And `check` names it at start-up.
+    let err = publisher.check().await.unwrap_err().to_string();
+    assert!(
+        err.contains(publisher.bus_name()) && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! eval "$(scripts/services env)"
 //! cargo run --release -p outbox-lambda --example publish_events_bench -- [--input FILE]
 //!     [--events 200] [--records 100] [--transient-failure-rate 0.01] [--write FILE]
+//!     [--added-latency-ms 20]
 //! ```
 //!
 //! Feeds Lambda stream events (one JSON event a line, generated unless
@@ -13,6 +14,13 @@
 //! and wall time. With `--transient-failure-rate` some entries fail
 //! transiently and Lambda's retry from the reported record is simulated;
 //! order and duplicates are then checked from what reached the publisher.
+//!
+//! With `--added-latency-ms`, every PutEvents response is held that long by
+//! the testkit's TCP proxy in front of the emulator, and each batch's wall
+//! time is compared with its ordering floor: the versions of the deepest
+//! aggregate in the batch (each needs its own call, one after the other)
+//! times one call's time (the added latency plus the emulator's own time per
+//! call, measured first through the same proxy without the delay).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -22,10 +30,13 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use outbox_core::{Event, EventId, PublishError, PublishRequest, PublishResult, Publisher};
-use outbox_dynamodb::{decode_lambda_record, LambdaStreamEvent};
+use outbox_dynamodb::{decode_lambda_record, Change, LambdaStreamEvent};
 use outbox_lambda::config::{DEAD_LETTER_TABLE_VAR, TARGET_VAR};
 use outbox_lambda::testing::{stream_event_json, stream_record};
-use outbox_lambda::{publish_events_handler, StreamRelayHandler, StreamRelaySettings};
+use outbox_lambda::{
+    publish_events_handler, AwsPublisher, StreamRelayHandler, StreamRelaySettings,
+};
+use outbox_testkit::proxy::{Direction, FaultProxy};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -40,6 +51,9 @@ struct Args {
     init_runs: usize,
     init_only: bool,
     null_publisher: bool,
+    added_latency_ms: Option<u64>,
+    calibration_calls: usize,
+    publish_concurrency: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,6 +67,9 @@ fn parse_args() -> Result<Args, String> {
         init_runs: 7,
         init_only: false,
         null_publisher: false,
+        added_latency_ms: None,
+        calibration_calls: 100,
+        publish_concurrency: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,6 +89,9 @@ fn parse_args() -> Result<Args, String> {
                     .filter(|r| (0.0..1.0).contains(r))
                     .ok_or("--transient-failure-rate takes a number in [0, 1)")?
             }
+            "--added-latency-ms" => args.added_latency_ms = Some(number(value()?)? as u64),
+            "--publish-concurrency" => args.publish_concurrency = Some(number(value()?)?),
+            "--calibration-calls" => args.calibration_calls = number(value()?)?.max(1),
             "--init-only" => args.init_only = true,
             // Accept every entry without a network call: the handler's own cost.
             "--null-publisher" => args.null_publisher = true,
@@ -136,13 +156,14 @@ async fn run(args: Args, started: Instant) -> Result<(), Error> {
         return Ok(());
     }
     outbox_aws::testing::require_local_endpoints(&["EVENTBRIDGE"]);
+    // The handler checks at start that its bus exists.
+    if std::env::var(TARGET_VAR).is_err() {
+        let client = aws_sdk_eventbridge::Client::new(&outbox_aws::load_config().await);
+        outbox_eventbridge::setup::ensure_bus(&client, BENCH_BUS).await?;
+    }
 
     let handler = build_handler().await?;
     let init_in_process = started.elapsed();
-    if let outbox_lambda::AwsPublisher::EventBridge(p) = handler.publisher() {
-        let client = aws_sdk_eventbridge::Client::new(&outbox_aws::load_config().await);
-        outbox_eventbridge::setup::ensure_bus(&client, p.bus_name()).await?;
-    }
     let init_ms = init_from_process_start(args.init_runs)?;
 
     let path = match &args.input {
@@ -159,20 +180,49 @@ async fn run(args: Args, started: Instant) -> Result<(), Error> {
         }
     };
 
+    // With an added latency, the publisher goes through the proxy.
+    let proxy = match args.added_latency_ms {
+        Some(_) if args.null_publisher => {
+            return Err("--added-latency-ms needs the EventBridge publisher".into())
+        }
+        Some(_) => Some(Proxied::start(&handler).await?),
+        None => None,
+    };
+    let publisher = proxy.as_ref().map_or(handler.publisher(), |p| &p.publisher);
+    let call_floor = match (&proxy, args.added_latency_ms) {
+        (Some(proxy), Some(ms)) => {
+            let own = proxy.calibrate(args.calibration_calls).await?;
+            proxy
+                .proxy
+                .set_latency_on(Direction::ToClient, std::time::Duration::from_millis(ms));
+            Some((own, ms as f64))
+        }
+        _ => None,
+    };
+    let depths = if call_floor.is_some() {
+        deepest_aggregates(&path)?
+    } else {
+        Vec::new()
+    };
+
     let mut faults = Faults::new(args.failure_rate);
     faults.null = args.null_publisher;
     let tracked = Tracked {
-        inner: handler.publisher(),
+        inner: publisher,
         faults: &faults,
     };
-    let config = handler.handler_config().clone();
-    let measured = StreamRelayHandler::new(tracked, handler.dead_letters()).config(config);
+    let mut config = handler.handler_config().clone();
+    if let Some(n) = args.publish_concurrency {
+        config = config.publish_concurrency(n);
+    }
+    let measured = StreamRelayHandler::new(tracked, handler.dead_letters()).config(config.clone());
 
     let cpu_before = cpu_ticks()?;
     let wall = Instant::now();
     let mut records = 0usize;
     let mut events = 0usize;
     let mut invocations = 0usize;
+    let mut batch_walls: Vec<f64> = Vec::new();
     let mut reported = 0usize;
     let mut dead_lettered = 0usize;
     let reader = BufReader::new(std::fs::File::open(&path)?);
@@ -184,6 +234,7 @@ async fn run(args: Args, started: Instant) -> Result<(), Error> {
         let mut event = LambdaStreamEvent::from_json(&line)?;
         events += 1;
         records += event.records.len();
+        let batch_started = Instant::now();
         loop {
             invocations += 1;
             let report = measured.process(&event).await;
@@ -203,6 +254,7 @@ async fn run(args: Args, started: Instant) -> Result<(), Error> {
                 return Err("no progress: the same records keep failing".into());
             }
         }
+        batch_walls.push(batch_started.elapsed().as_secs_f64() * 1e3);
     }
     let wall = wall.elapsed();
     let cpu = cpu_ticks()? - cpu_before;
@@ -221,7 +273,32 @@ async fn run(args: Args, started: Instant) -> Result<(), Error> {
         "publish_calls": faults.calls.load(Ordering::Relaxed),
         "dead_lettered": dead_lettered,
         "publisher": if args.null_publisher { "null" } else { "eventbridge" },
+        "publish_concurrency": config.publish_concurrency,
     });
+    if let Some((own_ms, added_ms)) = call_floor {
+        let call_ms = own_ms + added_ms;
+        let floors: Vec<f64> = depths.iter().map(|d| *d as f64 * call_ms).collect();
+        let mut ratios: Vec<f64> = batch_walls
+            .iter()
+            .zip(&floors)
+            .map(|(wall, floor)| wall / floor)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let n = batch_walls.len().max(1) as f64;
+        out["added_latency_ms"] = added_ms.into();
+        out["emulator_ms_per_call"] = round(own_ms, 2).into();
+        out["deepest_aggregate_mean"] = round(depths.iter().sum::<usize>() as f64 / n, 2).into();
+        out["wall_ms_per_batch"] = round(batch_walls.iter().sum::<f64>() / n, 1).into();
+        out["floor_ms_per_batch"] = round(floors.iter().sum::<f64>() / n, 1).into();
+        out["wall_over_floor"] = round(
+            batch_walls.iter().sum::<f64>() / floors.iter().sum::<f64>().max(1e-9),
+            3,
+        )
+        .into();
+        out["wall_over_floor_p50"] =
+            round(ratios.get(ratios.len() / 2).copied().unwrap_or(0.0), 3).into();
+        out["wall_over_floor_max"] = round(ratios.last().copied().unwrap_or(0.0), 3).into();
+    }
     if args.failure_rate > 0.0 {
         let seen = faults.seen.lock().map_err(|_| "poisoned")?;
         out["transient_failure_rate"] = args.failure_rate.into();
@@ -471,4 +548,90 @@ impl<P: Publisher> Publisher for Tracked<'_, P> {
             })
             .collect()
     }
+}
+
+/// The handler's EventBridge publisher again, its client pointed at a fault
+/// proxy in front of the emulator.
+struct Proxied {
+    proxy: FaultProxy,
+    publisher: AwsPublisher,
+}
+
+impl Proxied {
+    async fn start(handler: &outbox_lambda::PublishEventsHandler) -> Result<Self, Error> {
+        let AwsPublisher::EventBridge(deployed) = handler.publisher() else {
+            return Err("--added-latency-ms needs an eventbridge:// target".into());
+        };
+        let endpoint = std::env::var("AWS_ENDPOINT_URL_EVENTBRIDGE")
+            .map_err(|_| "AWS_ENDPOINT_URL_EVENTBRIDGE is not set")?;
+        let host_port = endpoint
+            .split("://")
+            .nth(1)
+            .unwrap_or(&endpoint)
+            .trim_end_matches('/');
+        let upstream = tokio::net::lookup_host(host_port)
+            .await?
+            .next()
+            .ok_or("cannot resolve the EventBridge endpoint")?;
+        let proxy = FaultProxy::start(upstream).await?;
+        let config = outbox_aws::load_config().await;
+        // The deployed client's settings, at the proxy's address.
+        let conf = aws_sdk_eventbridge::config::Builder::from(&config)
+            .retry_config(aws_sdk_eventbridge::config::retry::RetryConfig::disabled())
+            .stalled_stream_protection(
+                aws_sdk_eventbridge::config::StalledStreamProtectionConfig::disabled(),
+            )
+            .endpoint_url(proxy.url_for("http"))
+            .build();
+        let client = aws_sdk_eventbridge::Client::from_conf(conf);
+        let publisher = AwsPublisher::EventBridge(
+            outbox_eventbridge::EventBridgePublisher::new(client, deployed.bus_name())
+                .source("urn:outbox-bench"),
+        );
+        Ok(Self { proxy, publisher })
+    }
+
+    /// The emulator's own time for one call of 10 entries, through the proxy
+    /// without delay: the mean of `calls` calls one after the other.
+    async fn calibrate(&self, calls: usize) -> Result<f64, Error> {
+        let events: Vec<Event> = (0..10u64)
+            .map(|i| Event::builder("Calibration", format!("c-{i}"), 1, "Measured").build())
+            .collect::<Result<_, _>>()?;
+        // One call first, so connection set-up costs are as in the run.
+        let _ = self.publisher.publish(PublishRequest::new(&events)).await;
+        let started = Instant::now();
+        for _ in 0..calls {
+            let results = self.publisher.publish(PublishRequest::new(&events)).await;
+            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                return Err(format!("calibration call failed: {e}").into());
+            }
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e3 / calls as f64)
+    }
+}
+
+/// For each stream event of the input, the most events any one aggregate
+/// has in it: the calls its batch needs one after the other.
+fn deepest_aggregates(path: &str) -> Result<Vec<usize>, Error> {
+    let reader = BufReader::new(std::fs::File::open(path)?);
+    let mut depths = Vec::new();
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event = LambdaStreamEvent::from_json(&line)?;
+        let mut per_aggregate: HashMap<(String, String), usize> = HashMap::new();
+        for raw in &event.records {
+            if let Ok(record) = decode_lambda_record(raw) {
+                if let Change::Events(item) = record.change {
+                    *per_aggregate
+                        .entry((item.aggregate_type, item.aggregate_id))
+                        .or_default() += item.events.len();
+                }
+            }
+        }
+        depths.push(per_aggregate.values().copied().max().unwrap_or(0));
+    }
+    Ok(depths)
 }

@@ -1,127 +1,40 @@
-//! The AWS publisher named by a target URL, and the DynamoDB dead-letter table
-//! as the stream handler's sink.
+//! The AWS publisher named by a target URL (opened by `outbox-registry`, the
+//! one place stores and targets are named), and the DynamoDB dead-letter
+//! table as the stream handler's sink.
 
-use outbox_core::{Event, PublishRequest, PublishResult, Publisher, StoreError};
+use outbox_core::{Event, StoreError};
 use outbox_dynamodb::dead_letters::DeadLetterTable;
-use outbox_eventbridge::EventBridgePublisher;
-use outbox_sns::SnsPublisher;
-use outbox_sqs::SqsPublisher;
+use outbox_registry::TargetOptions;
 
-use crate::config::{ConfigError, Target};
+use crate::config::ConfigError;
 use crate::dead_letter::DeadLetterSink;
 
-/// EventBridge, SQS or SNS, chosen at run time.
-#[derive(Debug, Clone)]
-pub enum AwsPublisher {
-    EventBridge(EventBridgePublisher),
-    Sqs(SqsPublisher),
-    Sns(SnsPublisher),
+/// EventBridge, SQS or SNS, chosen at run time: the registry's publisher.
+pub type AwsPublisher = outbox_registry::AnyPublisher;
+
+pub use outbox_registry::eventbridge_client;
+
+/// How a Lambda function is given a region: Lambda sets `AWS_REGION`
+/// itself, so only a run outside Lambda can lack it.
+pub const REGION_HINT: &str = "set AWS_REGION in the function's environment";
+
+/// The AWS configuration of a handler, checked at start: a region and
+/// credentials, so a broken setup fails the init instead of every event.
+pub async fn load_checked_config() -> Result<aws_config::SdkConfig, ConfigError> {
+    Ok(outbox_registry::aws_config(None, REGION_HINT).await?)
 }
 
-impl AwsPublisher {
-    /// Builds the publisher for `eventbridge://BUS`, `sqs://QUEUE_URL_OR_NAME`
-    /// or `sns://TOPIC_ARN`, with `source` as the CloudEvents source.
-    ///
-    /// Only an SQS queue given by name makes a network call (`GetQueueUrl`);
-    /// give a queue URL where start-up time matters, as in a Lambda function.
-    pub async fn from_target(
-        config: &aws_config::SdkConfig,
-        target: &str,
-        source: &str,
-    ) -> Result<Self, ConfigError> {
-        Self::for_target(config, &target.parse()?, source).await
-    }
-
-    /// [`AwsPublisher::from_target`] for a parsed target.
-    pub async fn for_target(
-        config: &aws_config::SdkConfig,
-        target: &Target,
-        source: &str,
-    ) -> Result<Self, ConfigError> {
-        Ok(match target {
-            Target::EventBridge { bus } => AwsPublisher::EventBridge(
-                EventBridgePublisher::new(eventbridge_client(config), bus).source(source),
-            ),
-            Target::Sqs { queue } => {
-                let client = aws_sdk_sqs::Client::new(config);
-                let url = if queue.starts_with("https://") || queue.starts_with("http://") {
-                    queue.clone()
-                } else {
-                    queue_url(&client, queue).await?
-                };
-                AwsPublisher::Sqs(SqsPublisher::new(client, url).source(source))
-            }
-            Target::Sns { topic_arn } => AwsPublisher::Sns(
-                SnsPublisher::new(aws_sdk_sns::Client::new(config), topic_arn).source(source),
-            ),
-        })
-    }
-
-    /// Refuses entries above this size instead of the target's service limit.
-    #[must_use]
-    pub fn max_entry_bytes(self, max: usize) -> Self {
-        match self {
-            AwsPublisher::EventBridge(p) => AwsPublisher::EventBridge(p.max_entry_bytes(max)),
-            AwsPublisher::Sqs(p) => AwsPublisher::Sqs(p.max_entry_bytes(max)),
-            AwsPublisher::Sns(p) => AwsPublisher::Sns(p.max_entry_bytes(max)),
-        }
-    }
-}
-
-/// The EventBridge client of the stream handler, trimmed of per-call work it
-/// does not need: the handler retries failed entries itself, with backoff and
-/// in order, so SDK retries would only repeat whole calls behind its back; and
-/// a `PutEvents` response is a few hundred bytes, read at once, so there is no
-/// stalled download to watch for.
-pub fn eventbridge_client(config: &aws_config::SdkConfig) -> aws_sdk_eventbridge::Client {
-    use aws_sdk_eventbridge::config::{retry::RetryConfig, StalledStreamProtectionConfig};
-    let conf = aws_sdk_eventbridge::config::Builder::from(config)
-        .retry_config(RetryConfig::disabled())
-        .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
-        .build();
-    aws_sdk_eventbridge::Client::from_conf(conf)
-}
-
-async fn queue_url(client: &aws_sdk_sqs::Client, name: &str) -> Result<String, ConfigError> {
-    let found = client.get_queue_url().queue_name(name).send().await;
-    match found {
-        Ok(out) => out.queue_url().map(str::to_owned).ok_or_else(|| {
-            ConfigError::Unavailable(format!("GetQueueUrl for `{name}` returned no URL"))
-        }),
-        Err(err) => {
-            let message = format!(
-                "cannot find the URL of queue `{name}`: {}",
-                outbox_aws::describe(&err)
-            );
-            if outbox_aws::classify(&err).is_retryable() {
-                Err(ConfigError::Unavailable(message))
-            } else {
-                Err(ConfigError::Invalid {
-                    var: crate::config::TARGET_VAR,
-                    value: format!("sqs://{name}"),
-                    reason: message,
-                })
-            }
-        }
-    }
-}
-
-impl Publisher for AwsPublisher {
-    fn max_batch_size(&self) -> usize {
-        match self {
-            AwsPublisher::EventBridge(p) => p.max_batch_size(),
-            AwsPublisher::Sqs(p) => p.max_batch_size(),
-            AwsPublisher::Sns(p) => p.max_batch_size(),
-        }
-    }
-
-    async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
-        match self {
-            AwsPublisher::EventBridge(p) => p.publish(request).await,
-            AwsPublisher::Sqs(p) => p.publish(request).await,
-            AwsPublisher::Sns(p) => p.publish(request).await,
-        }
-    }
+/// Opens the target of the settings: checks that the bus, queue or topic
+/// exists, and looks an SQS queue given by name up (give a queue URL where
+/// start-up time matters).
+pub async fn open_publisher(
+    config: &aws_config::SdkConfig,
+    target: &crate::config::Target,
+    source: &str,
+    max_entry_bytes: Option<usize>,
+) -> Result<AwsPublisher, ConfigError> {
+    let options = TargetOptions::new(source).max_entry_bytes(max_entry_bytes);
+    Ok(target.open(Some(config), &options).await?)
 }
 
 impl DeadLetterSink for DeadLetterTable {
@@ -135,7 +48,10 @@ impl DeadLetterSink for DeadLetterTable {
         raw_record: &str,
         error: &str,
     ) -> Result<(), StoreError> {
-        self.put_malformed(sequence_number, raw_record, error).await
+        // The sink does not carry the shard id; the raw record names its
+        // stream (eventSourceARN) and the sequence number is kept.
+        self.put_malformed("", sequence_number, raw_record, error)
+            .await
     }
 }
 
@@ -143,17 +59,20 @@ impl DeadLetterSink for DeadLetterTable {
 /// dead-letter table.
 pub type PublishEventsHandler = crate::stream::StreamRelayHandler<AwsPublisher, DeadLetterTable>;
 
-/// Builds the deployed handler from settings: clients only, no network call
-/// unless the target is an SQS queue given by name.
+/// Builds the deployed handler from settings. Opening the target checks that
+/// it exists (one call), so a missing bus or queue fails the init, naming
+/// the `OUTBOX_TARGET` value.
 pub async fn publish_events_handler(
     config: &aws_config::SdkConfig,
     settings: &crate::config::StreamRelaySettings,
 ) -> Result<PublishEventsHandler, ConfigError> {
-    let mut publisher =
-        AwsPublisher::for_target(config, &settings.target, &settings.source).await?;
-    if let Some(max) = settings.max_entry_bytes {
-        publisher = publisher.max_entry_bytes(max);
-    }
+    let publisher = open_publisher(
+        config,
+        &settings.target,
+        &settings.source,
+        settings.max_entry_bytes,
+    )
+    .await?;
     let dead_letters = DeadLetterTable::new(
         aws_sdk_dynamodb::Client::new(config),
         &settings.dead_letter_table,

@@ -1,8 +1,5 @@
 //! Settings of the Lambda handlers, read from environment variables.
 
-use std::fmt;
-use std::str::FromStr;
-
 use crate::stream::HandlerConfig;
 
 /// Where events go: `eventbridge://BUS`, `sqs://QUEUE_URL_OR_NAME`, `sns://TOPIC_ARN`.
@@ -41,6 +38,9 @@ pub enum ConfigError {
     /// succeed later.
     #[error("{0}")]
     Unavailable(String),
+    /// The function's AWS setup is incomplete (no region, no credentials).
+    #[error("{0}")]
+    Setup(String),
 }
 
 impl ConfigError {
@@ -50,64 +50,42 @@ impl ConfigError {
     }
 }
 
-/// A publish target named by URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// An event bus name or ARN.
-    EventBridge {
-        bus: String,
-    },
-    /// A queue URL, or a name to look its URL up by.
-    Sqs {
-        queue: String,
-    },
-    Sns {
-        topic_arn: String,
-    },
-}
+/// A publish target named by URL, as the registry parses it:
+/// `eventbridge://BUS`, `sqs://QUEUE_URL_OR_NAME`, `sns://TOPIC_ARN`.
+pub type Target = outbox_registry::TargetUrl;
 
-impl FromStr for Target {
-    type Err = ConfigError;
-
-    fn from_str(url: &str) -> Result<Self, Self::Err> {
-        let invalid = |reason: &str| ConfigError::Invalid {
+/// Reads `OUTBOX_TARGET`'s value: an AWS target, since a Lambda function
+/// publishes nowhere else.
+pub fn parse_target(value: &str) -> Result<Target, ConfigError> {
+    let target: Target = value.parse()?;
+    if !target.is_aws() {
+        return Err(ConfigError::Invalid {
             var: TARGET_VAR,
-            value: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            invalid("expected eventbridge://BUS, sqs://QUEUE_URL_OR_NAME or sns://TOPIC_ARN")
-        })?;
-        let rest = rest.trim();
-        if rest.is_empty() {
-            return Err(invalid("names no bus, queue or topic after `://`"));
-        }
-        match scheme {
-            "eventbridge" => Ok(Target::EventBridge {
-                bus: rest.to_owned(),
-            }),
-            "sqs" => Ok(Target::Sqs {
-                queue: rest.to_owned(),
-            }),
-            "sns" if rest.starts_with("arn:") => Ok(Target::Sns {
-                topic_arn: rest.to_owned(),
-            }),
-            "sns" => Err(invalid(
-                "sns:// takes a topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)",
-            )),
-            _ => Err(invalid(
-                "unknown scheme; expected eventbridge://, sqs:// or sns://",
-            )),
-        }
+            value: value.to_owned(),
+            reason: "a Lambda function publishes to eventbridge://, sqs:// or sns://".to_owned(),
+        });
     }
+    Ok(target)
 }
 
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::EventBridge { bus } => write!(f, "eventbridge://{bus}"),
-            Target::Sqs { queue } => write!(f, "sqs://{queue}"),
-            Target::Sns { topic_arn } => write!(f, "sns://{topic_arn}"),
+/// The registry's errors in the Lambda's terms: a URL or a target that
+/// cannot be used is the `OUTBOX_TARGET` setting's fault.
+impl From<outbox_registry::RegistryError> for ConfigError {
+    fn from(e: outbox_registry::RegistryError) -> Self {
+        use outbox_registry::RegistryError as R;
+        match e {
+            R::InvalidUrl { url, reason } => ConfigError::Invalid {
+                var: TARGET_VAR,
+                value: url,
+                reason,
+            },
+            e if e.is_retryable() => ConfigError::Unavailable(e.to_string()),
+            R::Target { url, source } => ConfigError::Invalid {
+                var: TARGET_VAR,
+                value: url,
+                reason: source.to_string(),
+            },
+            other => ConfigError::Setup(other.to_string()),
         }
     }
 }
@@ -132,10 +110,7 @@ impl StreamRelaySettings {
     /// template parameter left blank does.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let target = get(TARGET_VAR)
-            .as_deref()
-            .unwrap_or(DEFAULT_TARGET)
-            .parse()?;
+        let target = parse_target(get(TARGET_VAR).as_deref().unwrap_or(DEFAULT_TARGET))?;
         let source = get(SOURCE_VAR).unwrap_or_else(|| DEFAULT_SOURCE.to_owned());
         let dead_letter_table = get(DEAD_LETTER_TABLE_VAR).ok_or(ConfigError::Missing {
             var: DEAD_LETTER_TABLE_VAR,
@@ -251,6 +226,7 @@ mod tests {
             (TARGET_VAR, "eventbridge://"),
             (TARGET_VAR, "sns://orders"),
             (TARGET_VAR, "orders"),
+            (TARGET_VAR, "stdout://"),
         ] {
             let err = settings(&[(DEAD_LETTER_TABLE_VAR, "dead"), (var, value)]).unwrap_err();
             assert!(

@@ -14,5 +14,6 @@ pub use consumer::{EventHandler, HandlerError, IdempotentConsumer, Outcome};
 pub use dead_letter::{DeadLetterSink, DeadRecord, MemoryDeadLetters};
 pub use scheduled::{run_scheduled, ScheduledRelaySettings};
 pub use stream::{
-    BatchItemFailure, HandlerConfig, InvocationReport, StreamBatchResponse, StreamRelayHandler,
+    deadline_from_epoch_ms, BatchItemFailure, HandlerConfig, InvocationReport, StreamBatchResponse,
+    StreamRelayHandler, MAX_INVOCATION,
 };

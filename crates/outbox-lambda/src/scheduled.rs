@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use outbox_core::{BatchReport, ClaimSource, Publisher, Relay, StoreError};
+use outbox_core::{time, BatchReport, ClaimSource, Publisher, Relay, StoreError};
 
 use crate::config::{ConfigError, Target, DEFAULT_SOURCE, DEFAULT_TARGET, SOURCE_VAR, TARGET_VAR};
 
@@ -16,29 +16,19 @@ pub const MARGIN_MS_VAR: &str = "OUTBOX_MARGIN_MS";
 /// response: a batch is not started with less than this left.
 pub const DEFAULT_MARGIN: Duration = Duration::from_secs(5);
 
-/// Runs batches until nothing is due or `budget` is spent, whichever comes
-/// first. No batch starts with less than `margin` of the budget left, so the
-/// invocation ends before Lambda's timeout with its claims settled; what is
-/// left stays pending for the next invocation.
+/// Publishes what is or comes due until nothing is left or `budget` less
+/// `margin` is spent, whichever comes first: the core relay's
+/// [`Relay::drain_until`], so retries, backoff and dead-lettering are the
+/// relay's. No publish call runs past that point (less the relay's settle
+/// margin), so the invocation ends before Lambda's timeout with its claims
+/// settled; what is left stays pending for the next invocation.
 pub async fn run_scheduled<S: ClaimSource, P: Publisher>(
     relay: &Relay<S, P>,
     budget: Duration,
     margin: Duration,
 ) -> Result<BatchReport, StoreError> {
-    let deadline = tokio::time::Instant::now() + budget.saturating_sub(margin);
-    let mut total = BatchReport::default();
-    while tokio::time::Instant::now() < deadline {
-        let report = relay.run_once().await?;
-        total.claimed += report.claimed;
-        total.published += report.published;
-        total.retried += report.retried;
-        total.dead_lettered += report.dead_lettered;
-        total.released += report.released;
-        if report.claimed == 0 {
-            break;
-        }
-    }
-    Ok(total)
+    let deadline = time::instant_after(tokio::time::Instant::now(), budget.saturating_sub(margin));
+    relay.drain_until(deadline).await
 }
 
 /// The time left before `deadline_ms` (ms since the epoch, as in the Lambda
@@ -105,6 +95,8 @@ pub fn report_json(report: &BatchReport) -> serde_json::Value {
         "retried": report.retried,
         "deadLettered": report.dead_lettered,
         "released": report.released,
+        "deferred": report.deferred,
+        "malformed": report.malformed,
     })
 }
 

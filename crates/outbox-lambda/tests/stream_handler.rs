@@ -418,3 +418,128 @@ async fn empty_batch_succeeds() {
     let h = handler(10);
     assert!(h.handle(&event_of(vec![])).await.is_success());
 }
+
+/// Takes `delay` for every call; what it publishes counts only once the
+/// call completes, as a broker's acknowledgement does.
+#[derive(Clone)]
+struct Slow {
+    delay: Duration,
+    inner: RecordingPublisher,
+}
+
+impl Publisher for Slow {
+    fn max_batch_size(&self) -> usize {
+        10
+    }
+
+    async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.publish(request).await
+    }
+}
+
+#[tokio::test]
+async fn a_handler_near_its_deadline_answers_in_time_with_the_first_unsettled_record() {
+    let slow = Slow {
+        delay: Duration::from_millis(300),
+        inner: RecordingPublisher::new(),
+    };
+    let h = StreamRelayHandler::new(slow.clone(), MemoryDeadLetters::new()).config(fast());
+    // One deep aggregate: one call per version, 300 ms each.
+    let (records, _) = interleaved(&["deep"], 10);
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(1);
+    let report = h.process_until(&event_of(records), deadline).await;
+    let answered = started.elapsed();
+    assert!(
+        answered < Duration::from_secs(1),
+        "answered after the deadline: {answered:?}"
+    );
+    let from = report.response.retry_sequence_number().unwrap().to_owned();
+    let reported = (0..10).find(|i| seq(*i) == from).unwrap();
+    let p = slow.inner.versions();
+    let versions = versions_of(&p, "deep");
+    // Versions are 1-based: record `reported` holds version `reported + 1`.
+    assert_eq!(
+        versions,
+        (1..=reported as u64).collect::<Vec<_>>(),
+        "exactly the records before the reported one were published"
+    );
+    assert!(reported >= 2, "it used the time it had: {reported}");
+    assert_eq!(report.unfinished, 10 - reported);
+}
+
+#[tokio::test]
+async fn a_deadline_already_past_publishes_nothing_and_hands_everything_back() {
+    let h = handler(10);
+    let mut records = fixture("insert_one_event");
+    records.extend(fixture("malformed_wrong_types"));
+    records.extend(fixture("modify_several_events"));
+    let report = h
+        .process_until(&event_of(records), tokio::time::Instant::now())
+        .await;
+    assert_eq!(
+        report.response,
+        StreamBatchResponse::retry_from("4421584500000000017450439091")
+    );
+    assert_eq!((report.published, report.unfinished), (0, 3));
+    assert!(published(&h).is_empty());
+    assert!(h.dead_letters().records().is_empty());
+    // A deadline from the Lambda context that has passed does the same.
+    let late = outbox_lambda::deadline_from_epoch_ms(0);
+    let again = h
+        .process_until(&event_of(fixture("insert_one_event")), late)
+        .await;
+    assert_eq!(again.published, 0);
+    assert!(!again.response.is_success());
+}
+
+/// Every call fails as a whole, as a broker that cannot be reached.
+#[derive(Clone, Default)]
+struct Down {
+    calls: Arc<Mutex<usize>>,
+}
+
+impl Publisher for Down {
+    fn max_batch_size(&self) -> usize {
+        10
+    }
+
+    async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
+        *self.calls.lock().unwrap() += 1;
+        outbox_core::publish::fail_all(
+            &request,
+            outbox_core::PublishError::unavailable("connection refused"),
+        )
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_target_ends_the_invocation_without_spending_retries() {
+    let down = Down::default();
+    let h = StreamRelayHandler::new(down.clone(), MemoryDeadLetters::new()).config(fast());
+    let (records, _) = interleaved(&["a", "b", "c"], 4);
+    let started = tokio::time::Instant::now();
+    let report = h.process(&event_of(records)).await;
+    assert!(started.elapsed() < Duration::from_secs(1), "ended at once");
+    assert_eq!(report.response, StreamBatchResponse::retry_from(seq(0)));
+    assert_eq!(
+        (report.published, report.retries, report.dead_lettered),
+        (0, 0, 0)
+    );
+    assert_eq!(report.unfinished, 12);
+    assert!(report.outage.unwrap().contains("connection refused"));
+    assert_eq!(*down.calls.lock().unwrap(), 1, "one call, then it stopped");
+    assert!(h.dead_letters().events().is_empty());
+}
+
+#[tokio::test]
+async fn a_bad_configuration_hands_the_batch_back_instead_of_guessing() {
+    let h = handler(10).config(HandlerConfig::default().publish_concurrency(0));
+    let report = h.process(&event_of(fixture("insert_one_event"))).await;
+    assert_eq!(
+        report.response,
+        StreamBatchResponse::retry_from("4421584500000000017450439091")
+    );
+    assert!(published(&h).is_empty());
+}

@@ -3,7 +3,8 @@
 use aws_sdk_sns::operation::publish_batch::PublishBatchOutput;
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use aws_sdk_sns::Client;
-use outbox_aws::batch::{self, Results};
+use outbox_aws::batch::{self, CallLimits};
+use outbox_aws::AwsError;
 use outbox_core::cloudevents::{self, STRUCTURED_CONTENT_TYPE};
 use outbox_core::publish::DEFAULT_SOURCE;
 use outbox_core::{Event, PublishError, PublishRequest, PublishResult, Publisher};
@@ -141,12 +142,13 @@ impl SnsPublisher {
     }
 }
 
-/// Reads a `PublishBatch` response into `results`, entry ids being indexes
-/// of the request.
-fn read_response(output: &PublishBatchOutput, results: &mut Results) {
+/// Reads a `PublishBatch` response: each entry's result by its id, entry
+/// ids being indexes of the request.
+fn read_response(output: &PublishBatchOutput) -> Vec<(usize, PublishResult)> {
+    let mut results = Vec::with_capacity(output.successful().len() + output.failed().len());
     for ok in output.successful() {
         if let Some(i) = ok.id().and_then(|id| id.parse::<usize>().ok()) {
-            results.set(i, Ok(()));
+            results.push((i, Ok(())));
         }
     }
     for failed in output.failed() {
@@ -157,7 +159,34 @@ fn read_response(output: &PublishBatchOutput, results: &mut Results) {
                 failed.message(),
                 failed.sender_fault(),
             );
-            results.set(i, Err(error));
+            results.push((i, Err(error)));
+        }
+    }
+    results
+}
+
+impl SnsPublisher {
+    /// Checks at start-up that the topic exists and the credentials may
+    /// see it, so a typo fails the start instead of pausing the relay forever.
+    pub async fn check(&self) -> Result<(), AwsError> {
+        match self
+            .client
+            .get_topic_attributes()
+            .topic_arn(&self.topic_arn)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_not_found_exception()) =>
+            {
+                Err(AwsError::NotFound {
+                    resource: format!("topic `{}`", self.topic_arn),
+                })
+            }
+            Err(err) => Err(AwsError::call("GetTopicAttributes", err)),
         }
     }
 }
@@ -168,42 +197,41 @@ impl Publisher for SnsPublisher {
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
-        let mut results = Results::new(request.events.len());
-        let accepted = batch::accept(
+        let limits = CallLimits {
+            operation: OPERATION,
+            target: &self.topic_arn,
+            max_entry_bytes: self.max_entry_bytes,
+            entry_limit_name: "SNS message limit",
+            max_entries: MAX_ENTRIES_PER_CALL,
+            max_request_bytes: MAX_REQUEST_BYTES,
+        };
+        let (client, topic_arn) = (&self.client, &self.topic_arn);
+        batch::publish_in_calls(
             request.events,
-            &mut results,
-            self.max_entry_bytes,
-            "SNS message limit",
+            limits,
             |i, event| self.entry(i, event),
             message_size,
-        );
-        let sizes: Vec<usize> = accepted.iter().map(|a| a.size).collect();
-        for call in batch::split_calls(&sizes, MAX_ENTRIES_PER_CALL, MAX_REQUEST_BYTES) {
-            let chunk = &accepted[call];
-            let entries: Vec<_> = chunk.iter().map(|a| a.entry.clone()).collect();
-            let mut send = self
-                .client
-                .publish_batch()
-                .topic_arn(&self.topic_arn)
-                .set_publish_batch_request_entries(Some(entries))
-                .customize();
-            if let Some(header) = call_trace_header(chunk.iter().map(|a| a.event)) {
-                send = send.mutate_request(move |req| {
-                    req.headers_mut().insert(TRACE_HEADER, header.clone());
-                });
-            }
-            match send.send().await {
-                Ok(output) => read_response(&output, &mut results),
-                Err(err) => {
-                    let error = outbox_aws::publish_error(OPERATION, &err);
-                    tracing::warn!(%error, topic = %self.topic_arn, "PublishBatch failed");
-                    for a in chunk {
-                        results.set(a.index, Err(error.clone()));
-                    }
+            |chunk| async move {
+                let header = call_trace_header(chunk.iter().map(|a| a.event));
+                let entries = chunk.into_iter().map(|a| a.entry).collect();
+                let mut send = client
+                    .publish_batch()
+                    .topic_arn(topic_arn)
+                    .set_publish_batch_request_entries(Some(entries))
+                    .customize();
+                if let Some(header) = header {
+                    send = send.mutate_request(move |req| {
+                        req.headers_mut().insert(TRACE_HEADER, header.clone());
+                    });
                 }
-            }
-        }
-        results.finish(OPERATION)
+                let output = send
+                    .send()
+                    .await
+                    .map_err(|err| outbox_aws::publish_error(OPERATION, err))?;
+                Ok(read_response(&output))
+            },
+        )
+        .await
     }
 }
 
@@ -211,6 +239,7 @@ impl Publisher for SnsPublisher {
 mod tests {
     use super::*;
     use aws_sdk_sns::types::{BatchResultErrorEntry, PublishBatchResultEntry};
+    use outbox_aws::batch::Results;
     use outbox_core::Disposition;
 
     fn publisher(arn: &str) -> SnsPublisher {
@@ -303,7 +332,9 @@ mod tests {
             )
             .build();
         let mut results = Results::new(3);
-        read_response(&output, &mut results);
+        for (i, r) in read_response(&output) {
+            results.set(i, r);
+        }
         let results = results.finish(OPERATION);
         assert_eq!(
             results[0].as_ref().unwrap_err().disposition(),

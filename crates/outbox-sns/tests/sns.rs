@@ -15,6 +15,11 @@ use outbox_testkit::{order_event, PublisherHarness};
 
 const SOURCE: &str = "urn:test:sns";
 
+/// The limit the suite's publisher is given, 1 MiB, above the 256 KiB the
+/// test topics take: SNS itself then refuses an entry in between (see
+/// `broker_rejected_event`), where the publisher would have refused it first.
+const RAISED_LIMIT: usize = 1024 * 1024;
+
 /// Keeps the trace header of every request the client sends.
 #[derive(Debug, Clone, Default)]
 struct CaptureTrace(Arc<Mutex<Vec<Option<String>>>>);
@@ -48,6 +53,14 @@ struct TopicHarness {
 impl TopicHarness {
     async fn new() -> Self {
         Self::with(true, None).await
+    }
+
+    /// The harness of the publisher suite: its publisher allows
+    /// [`RAISED_LIMIT`], the topic does not.
+    async fn raised_limit() -> Self {
+        let mut h = Self::new().await;
+        h.publisher = h.publisher.max_entry_bytes(RAISED_LIMIT);
+        h
     }
 
     async fn with(raw: bool, capture: Option<CaptureTrace>) -> Self {
@@ -96,14 +109,22 @@ impl PublisherHarness for TopicHarness {
         seen.extend(more);
         seen.clone()
     }
+
+    /// 300 KiB: under the publisher's raised limit, over the topic's 256 KiB.
+    /// SNS refuses it as an entry (`InvalidParameter`) and the call succeeds.
+    fn broker_rejected_event(&self) -> Option<Event> {
+        let event = Event::builder("Order", "too-big-for-the-topic", 1, "OrderCreated")
+            .payload(&serde_json::json!({ "blob": "x".repeat(300 * 1024) }))
+            .build()
+            .expect("a well-formed event");
+        Some(event)
+    }
 }
 
+// A standard topic into a standard queue: no order promised.
 outbox_testkit::publisher_conformance!(
-    TopicHarness::new,
-    outbox_testkit::PublisherFeatures {
-        broker_dedup: false,
-        max_entry_bytes: Some(outbox_sns::MAX_MESSAGE_BYTES),
-    }
+    TopicHarness::raised_limit,
+    outbox_testkit::PublisherFeatures::new().max_entry_bytes(RAISED_LIMIT)
 );
 
 #[tokio::test]
@@ -111,7 +132,7 @@ async fn a_per_entry_failure_of_the_service_is_read() {
     // Our limit raised to 1 MiB (a topic with a raised MaximumMessageSize),
     // the topic left at 256 KiB: SNS refuses that one entry, not the call.
     let h = TopicHarness::new().await;
-    let publisher = h.publisher.clone().max_entry_bytes(1024 * 1024);
+    let publisher = h.publisher.clone().max_entry_bytes(RAISED_LIMIT);
     let small = order_event("ok-1", 1, "OrderCreated");
     let big = Event::builder("Order", "big-1", 1, "OrderCreated")
         .payload(&serde_json::json!({ "blob": "x".repeat(300 * 1024) }))
@@ -214,4 +235,28 @@ async fn fifo_topics_take_group_and_dedup_ids() {
     let results = publisher.publish(PublishRequest::new(&events)).await;
     assert_eq!(results.len(), 12);
     assert!(results.iter().all(Result::is_ok), "{results:?}");
+}
+
+#[tokio::test]
+async fn a_missing_topic_is_the_targets_failure_and_fails_the_check() {
+    let h = TopicHarness::new().await;
+    // The harness's own topic passes the start-up check.
+    h.publisher.check().await.expect("the topic exists");
+    let arn = format!(
+        "arn:aws:sns:us-east-1:123456789012:{}",
+        outbox_aws::testing::unique_name("no-topic")
+    );
+    let config = outbox_aws::load_config().await;
+    let publisher = SnsPublisher::new(aws_sdk_sns::Client::new(&config), &arn);
+    let err = publisher.check().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&arn) && err.contains("does not exist"),
+        "{err}"
+    );
+    let results = publisher
+        .publish(PublishRequest::new(&[order_event("a", 1, "X")]))
+        .await;
+    let failed = results[0].as_ref().unwrap_err();
+    assert!(failed.is_target_failure(), "{failed}");
+    assert_eq!(failed.disposition(), Disposition::Transient, "{failed}");
 }

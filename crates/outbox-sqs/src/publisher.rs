@@ -1,12 +1,15 @@
 //! `SendMessageBatch`: up to ten messages a call, each message's result read.
 
+use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchOutput;
+use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::types::{
     MessageAttributeValue, MessageSystemAttributeNameForSends, MessageSystemAttributeValue,
     SendMessageBatchRequestEntry,
 };
 use aws_sdk_sqs::Client;
-use outbox_aws::batch::{self, Results};
+use outbox_aws::batch::{self, CallLimits};
+use outbox_aws::AwsError;
 use outbox_core::cloudevents::{self, STRUCTURED_CONTENT_TYPE};
 use outbox_core::publish::DEFAULT_SOURCE;
 use outbox_core::{Event, PublishError, PublishRequest, PublishResult, Publisher};
@@ -142,12 +145,13 @@ impl SqsPublisher {
     }
 }
 
-/// Reads a `SendMessageBatch` response into `results`, entry ids being
-/// indexes of the request.
-fn read_response(output: &SendMessageBatchOutput, results: &mut Results) {
+/// Reads a `SendMessageBatch` response: each entry's result by its id,
+/// entry ids being indexes of the request.
+fn read_response(output: &SendMessageBatchOutput) -> Vec<(usize, PublishResult)> {
+    let mut results = Vec::with_capacity(output.successful().len() + output.failed().len());
     for ok in output.successful() {
         if let Ok(i) = ok.id().parse::<usize>() {
-            results.set(i, Ok(()));
+            results.push((i, Ok(())));
         }
     }
     for failed in output.failed() {
@@ -158,9 +162,42 @@ fn read_response(output: &SendMessageBatchOutput, results: &mut Results) {
                 failed.message(),
                 failed.sender_fault(),
             );
-            results.set(i, Err(error));
+            results.push((i, Err(error)));
         }
     }
+    results
+}
+
+impl SqsPublisher {
+    /// Checks at start-up that the queue exists and the credentials may
+    /// see it, so a typo fails the start instead of pausing the relay forever.
+    pub async fn check(&self) -> Result<(), AwsError> {
+        let found = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await;
+        match found {
+            Ok(_) => Ok(()),
+            Err(err) if is_missing_queue(&err) => Err(AwsError::NotFound {
+                resource: format!("queue `{}`", self.queue_url),
+            }),
+            Err(err) => Err(AwsError::call("GetQueueAttributes", err)),
+        }
+    }
+}
+
+/// Whether SQS answered that the queue does not exist (the query and JSON
+/// protocols name it differently).
+pub(crate) fn is_missing_queue<E: ProvideErrorMetadata>(
+    err: &aws_sdk_sqs::error::SdkError<E, aws_sdk_sqs::config::http::HttpResponse>,
+) -> bool {
+    matches!(
+        err.code(),
+        Some("AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" | "NonExistentQueue")
+    )
 }
 
 impl Publisher for SqsPublisher {
@@ -169,38 +206,33 @@ impl Publisher for SqsPublisher {
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Vec<PublishResult> {
-        let mut results = Results::new(request.events.len());
-        let accepted = batch::accept(
+        let limits = CallLimits {
+            operation: OPERATION,
+            target: &self.queue_url,
+            max_entry_bytes: self.max_entry_bytes,
+            entry_limit_name: "SQS message limit",
+            max_entries: MAX_ENTRIES_PER_CALL,
+            max_request_bytes: MAX_REQUEST_BYTES,
+        };
+        let (client, queue_url) = (&self.client, &self.queue_url);
+        batch::publish_in_calls(
             request.events,
-            &mut results,
-            self.max_entry_bytes,
-            "SQS message limit",
+            limits,
             |i, event| self.entry(i, event),
             message_size,
-        );
-        let sizes: Vec<usize> = accepted.iter().map(|a| a.size).collect();
-        for call in batch::split_calls(&sizes, MAX_ENTRIES_PER_CALL, MAX_REQUEST_BYTES) {
-            let chunk = &accepted[call];
-            let entries: Vec<_> = chunk.iter().map(|a| a.entry.clone()).collect();
-            let sent = self
-                .client
-                .send_message_batch()
-                .queue_url(&self.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await;
-            match sent {
-                Ok(output) => read_response(&output, &mut results),
-                Err(err) => {
-                    let error = outbox_aws::publish_error(OPERATION, &err);
-                    tracing::warn!(%error, queue = %self.queue_url, "SendMessageBatch failed");
-                    for a in chunk {
-                        results.set(a.index, Err(error.clone()));
-                    }
-                }
-            }
-        }
-        results.finish(OPERATION)
+            |chunk| async move {
+                let entries = chunk.into_iter().map(|a| a.entry).collect();
+                let output = client
+                    .send_message_batch()
+                    .queue_url(queue_url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|err| outbox_aws::publish_error(OPERATION, err))?;
+                Ok(read_response(&output))
+            },
+        )
+        .await
     }
 }
 
@@ -208,6 +240,7 @@ impl Publisher for SqsPublisher {
 mod tests {
     use super::*;
     use aws_sdk_sqs::types::{BatchResultErrorEntry, SendMessageBatchResultEntry};
+    use outbox_aws::batch::Results;
     use outbox_core::Disposition;
 
     fn publisher(url: &str) -> SqsPublisher {
@@ -305,7 +338,9 @@ mod tests {
             .build()
             .unwrap();
         let mut results = Results::new(4);
-        read_response(&output, &mut results);
+        for (i, r) in read_response(&output) {
+            results.set(i, r);
+        }
         let results = results.finish(OPERATION);
         assert!(results[0].is_ok());
         assert_eq!(

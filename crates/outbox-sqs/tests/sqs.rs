@@ -149,16 +149,24 @@ async fn a_failed_call_fails_every_entry_alike() {
         outbox_aws::testing::unique_name("missing")
     );
     let events = [order_event("a", 1, "X"), order_event("b", 1, "X")];
-    let results = SqsPublisher::new(client, gone)
-        .publish(PublishRequest::new(&events))
-        .await;
+    let publisher = SqsPublisher::new(client, gone.clone());
+    let results = publisher.publish(PublishRequest::new(&events)).await;
     assert_eq!(results.len(), 2);
     let (a, b) = (
         results[0].as_ref().unwrap_err(),
         results[1].as_ref().unwrap_err(),
     );
     assert_eq!(a.message(), b.message());
-    assert_eq!(a.disposition(), Disposition::Permanent, "{a}");
+    // A missing queue is the target's fault, not the events': the relay
+    // pauses and probes instead of spending their attempts.
+    assert!(a.is_target_failure(), "{a}");
+    assert_eq!(a.disposition(), Disposition::Transient, "{a}");
+    // And `check` names it at start-up.
+    let err = publisher.check().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&gone) && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -80,11 +80,12 @@ pub trait PublisherHarness: Send + Sync + 'static {
     /// their CloudEvent bodies, waiting up to `timeout` for at least `n`.
     fn receive(&self, n: usize, timeout: Duration) -> impl Future<Output = Vec<Received>> + Send;
 
-    /// An event the broker itself refuses, for good, as one entry of a call
-    /// whose other entries it accepts; `None` (the default) when the broker
-    /// has no such input. It must get past the publisher's own checks (a
-    /// size limit the publisher enforces before sending does not count):
-    /// the case is about reading the broker's answer entry by entry.
+    /// An event the broker itself refuses for good as an entry of a batch
+    /// call that succeeds, accepting the call's other entries; `None` (the
+    /// default) when the broker has no such input. It must get past the
+    /// publisher's own checks (a size limit the publisher enforces before
+    /// sending does not count): the case is about reading the broker's
+    /// answer entry by entry.
     fn broker_rejected_event(&self) -> Option<Event> {
         None
     }

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use futures_util::FutureExt;
 use outbox_core::publishers::memory_broker;
+use outbox_core::publishers::{Chaos, FaultyPublisher};
 use outbox_core::{EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats, StoreError};
-use outbox_testkit::{Chaos, FaultyPublisher};
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::latency::percentile_ms;
 use crate::progress::Progress;
-use crate::target::{DynamoShape, Store, StoreUrl, TargetUrl};
+use crate::target::{self, DynamoShape, Store, StoreUrl, TargetUrl};
 use crate::{print_json, CliError};
 use broker::{Deliveries, MemoryDeliveries};
 use shop::{NewOrder, Shipped, Shop};
@@ -91,7 +91,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
             "--cancel-rate must be between 0 and 1".into(),
         ));
     }
-    if let Some(StoreUrl::DynamoDb { table, shape }) = &args.store {
+    if let Some(StoreUrl::DynamoDb { table, shape, .. }) = &args.store {
         if *shape != DynamoShape::Stream {
             return Err(CliError::Usage(
                 "the demo on DynamoDB runs the stream shape: use dynamodb://TABLE".into(),
@@ -99,9 +99,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         }
         let bus =
             match &args.to {
-                Some(TargetUrl::Aws(url)) if url.starts_with("eventbridge://") => {
-                    url.trim_start_matches("eventbridge://").to_owned()
-                }
+                Some(TargetUrl::EventBridge { bus }) => bus.clone(),
                 other => {
                     return Err(CliError::Usage(format!(
                     "the demo on DynamoDB publishes to EventBridge: use --to eventbridge://BUS{}",
@@ -123,8 +121,8 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
                 .unwrap_or_default()
         )));
     }
-    let (url, _temp) = StoreUrl::or_temporary(args.store.as_ref(), "demo.db")?;
-    let Store::Sqlite(outbox) = url.open().await? else {
+    let (url, _temp) = target::or_temporary(args.store.as_ref(), "demo.db")?;
+    let Store::Sqlite(outbox) = target::open_store(&url).await? else {
         return Err(CliError::Usage(format!("{url} is not a SQLite store")));
     };
     let shop = sqlite::SqliteShop::new(outbox).await?;
@@ -158,13 +156,13 @@ fn report(s: &Summary, args: &DemoArgs, kept: Option<&StoreUrl>) -> Result<(), C
     );
     println!("elapsed              {:.2} s", s.elapsed_s);
     match kept {
-        Some(url @ StoreUrl::Sqlite(_)) => {
+        Some(url @ StoreUrl::Sqlite { .. }) => {
             println!("database kept at     {url} (tables orders, outbox, shipments, inbox)")
         }
         Some(StoreUrl::DynamoDb { table, .. }) => println!(
             "tables kept          {table} (outbox), {table}-orders, {table}-shipments, {table}-inbox, {table}-dead-letters"
         ),
-        None => {}
+        _ => {}
     }
     if args.json {
         print_json(s);

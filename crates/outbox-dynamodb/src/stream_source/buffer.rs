@@ -21,7 +21,8 @@ enum Origin {
 struct Entry {
     event: Event,
     attempts: u32,
-    /// When it was read (or replayed): what a drain's `written_before` sees.
+    /// When the stream says it was written (or when it was replayed): what a
+    /// drain's `written_before` sees.
     written: DateTime<Utc>,
     due: DateTime<Utc>,
     lease: Option<(LeaseId, Instant)>,
@@ -92,16 +93,17 @@ pub(crate) struct Buffer {
 }
 
 impl Buffer {
-    fn push_entry(&mut self, event: Event, origin: Origin) {
+    fn push_entry(&mut self, event: Event, origin: Origin, written: Option<DateTime<Utc>>) {
         let id = self.next_id;
         self.next_id += 1;
         let now = Utc::now();
+        let written = written.unwrap_or(now);
         self.entries.insert(
             id,
             Entry {
                 event,
                 attempts: 0,
-                written: now,
+                written,
                 due: now,
                 lease: None,
                 origin,
@@ -111,8 +113,15 @@ impl Buffer {
     }
 
     /// A record read from `shard`, with the events it carries (none for an
-    /// ignored or dead-lettered record).
-    pub(crate) fn push_record(&mut self, shard: &str, sequence_number: &str, events: Vec<Event>) {
+    /// ignored or dead-lettered record) and when the stream says it was
+    /// written (the read time if it does not say).
+    pub(crate) fn push_record(
+        &mut self,
+        shard: &str,
+        sequence_number: &str,
+        events: Vec<Event>,
+        written: Option<DateTime<Utc>>,
+    ) {
         let log = self.logs.entry(shard.to_owned()).or_default();
         let number = log.next_number;
         log.next_number += 1;
@@ -128,6 +137,7 @@ impl Buffer {
                     shard: shard.to_owned(),
                     record: number,
                 },
+                written,
             );
         }
         self.advance(shard);
@@ -138,7 +148,7 @@ impl Buffer {
         if !self.replays.insert(event.id) {
             return false;
         }
-        self.push_entry(event, Origin::Replay);
+        self.push_entry(event, Origin::Replay, None);
         true
     }
 
@@ -412,9 +422,9 @@ mod tests {
     #[test]
     fn checkpoint_is_the_settled_prefix() {
         let mut b = Buffer::default();
-        b.push_record("s", "10", vec![ev("a", 1), ev("a", 2)]);
-        b.push_record("s", "11", vec![]);
-        b.push_record("s", "12", vec![ev("b", 1)]);
+        b.push_record("s", "10", vec![ev("a", 1), ev("a", 2)], None);
+        b.push_record("s", "11", vec![], None);
+        b.push_record("s", "12", vec![ev("b", 1)], None);
         assert!(b.advanced.is_empty());
         let claimed = b.claim(10, Duration::from_secs(5), Window::now());
         assert_eq!(claimed.events.len(), 3);
@@ -432,8 +442,8 @@ mod tests {
     #[test]
     fn held_and_backing_off_events_hold_their_aggregate() {
         let mut b = Buffer::default();
-        b.push_record("s", "1", vec![ev("a", 1)]);
-        b.push_record("s", "2", vec![ev("a", 2), ev("b", 1)]);
+        b.push_record("s", "1", vec![ev("a", 1)], None);
+        b.push_record("s", "2", vec![ev("a", 2), ev("b", 1)], None);
         let first = b.claim(1, Duration::from_secs(5), Window::now());
         assert_eq!(first.events.len(), 1);
         let second = b.claim(10, Duration::from_secs(5), Window::now());
@@ -463,7 +473,7 @@ mod tests {
     fn deferred_keeps_attempts_and_cutoff_holds_later_events() {
         let mut b = Buffer::default();
         let before = Utc::now() - chrono::Duration::seconds(1);
-        b.push_record("s", "1", vec![ev("a", 1)]);
+        b.push_record("s", "1", vec![ev("a", 1)], None);
         // Read after a drain started: that drain leaves it.
         assert!(b
             .claim(

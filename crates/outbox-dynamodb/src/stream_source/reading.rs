@@ -161,6 +161,14 @@ impl StreamSource {
                     Vec::new()
                 }
             };
+            // When the stream dates the change. DynamoDB Local rounds it to
+            // the minute: a minute's slack keeps a drain from passing over
+            // what was written just before it began.
+            let written = record
+                .dynamodb()
+                .and_then(|d| d.approximate_creation_date_time())
+                .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), 0))
+                .map(|t| outbox_core::time::sub(t, std::time::Duration::from_secs(60)));
             let mut state = lock(&self.inner.state);
             let Some(sh) = state.shards.get_mut(shard) else {
                 return Ok(added);
@@ -173,7 +181,7 @@ impl StreamSource {
             self.inner
                 .events_read
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
-            state.buffer.push_record(shard, &seq, events);
+            state.buffer.push_record(shard, &seq, events, written);
         }
         let mut state = lock(&self.inner.state);
         if let Some(sh) = state.shards.get_mut(shard) {

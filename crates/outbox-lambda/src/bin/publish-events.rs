@@ -23,14 +23,20 @@ async fn main() -> Result<(), Error> {
 
     // Built once per execution environment, before the first event.
     let settings = StreamRelaySettings::from_env()?;
-    let config = outbox_aws::load_config().await;
+    // A missing region or credentials, or a bus or queue that does not
+    // exist, fails the init, naming the setting.
+    let config = outbox_lambda::aws_publisher::load_checked_config().await?;
     let handler = publish_events_handler(&config, &settings).await?;
     tracing::info!(target = %settings.target, "PublishEvents ready");
 
     lambda_runtime::run(service_fn(|event: LambdaEvent<LambdaStreamEvent>| {
         let handler = &handler;
         async move {
-            let report = handler.process(&event.payload).await;
+            // Stop starting calls in time to answer before Lambda's timeout,
+            // naming the first unsettled record, so a timeout never replays
+            // the whole batch.
+            let deadline = outbox_lambda::deadline_from_epoch_ms(event.context.deadline);
+            let report = handler.process_until(&event.payload, deadline).await;
             tracing::info!(
                 records = report.records,
                 published = report.published,

@@ -8,8 +8,8 @@
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use outbox_core::{Relay, RelayConfig};
 use outbox_dynamodb::{DynamoOutbox, PollingOutbox, Shape};
+use outbox_lambda::aws_publisher::{load_checked_config, open_publisher};
 use outbox_lambda::scheduled::{budget_until, report_json, run_scheduled, ScheduledRelaySettings};
-use outbox_lambda::AwsPublisher;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -24,8 +24,10 @@ async fn main() -> Result<(), Error> {
 
     // Built once per execution environment, before the first event.
     let settings = ScheduledRelaySettings::from_env()?;
-    let config = outbox_aws::load_config().await;
-    let publisher = AwsPublisher::for_target(&config, &settings.target, &settings.source).await?;
+    // A missing region or credentials, or a bus or queue that does not
+    // exist, fails the init, naming the setting.
+    let config = load_checked_config().await?;
+    let publisher = open_publisher(&config, &settings.target, &settings.source, None).await?;
     let outbox = DynamoOutbox::new(aws_sdk_dynamodb::Client::new(&config), &settings.table)
         .shape(Shape::Polling);
     let relay = Relay::new(

@@ -1,0 +1,348 @@
+#![doc = include_str!("../README.md")]
+
+mod admin;
+mod error;
+mod inbox;
+mod migrate;
+mod rows;
+mod source;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_core::{DeadLetterPolicy, Event, StoreError};
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use tokio::sync::Mutex;
+
+pub use inbox::PostgresInbox;
+pub use migrate::SCHEMA_VERSION;
+
+use crate::error::map;
+
+/// Largest payload accepted by default, in bytes. PostgreSQL takes up to
+/// 1 GB in a text column; brokers take far less (EventBridge and SNS:
+/// 256 KiB a message, NATS: 1 MiB by default).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// The schema used when none is configured.
+pub const DEFAULT_SCHEMA: &str = "outbox";
+
+/// Longest schema name accepted (PostgreSQL's identifiers take 63 bytes;
+/// the rest is kept for the notification channel's suffix).
+const MAX_SCHEMA_BYTES: usize = 48;
+
+/// Connections of a pool made by [`PostgresOutbox::connect`].
+const DEFAULT_POOL_SIZE: u32 = 8;
+
+/// A validated schema name, and the statements that depend on it.
+#[derive(Debug)]
+pub(crate) struct Schema {
+    name: String,
+}
+
+impl Schema {
+    fn new(name: &str) -> Result<Self, StoreError> {
+        // Lower-case letters, digits and `_`: then the name never needs
+        // escaping, in identifiers or in the notification channel.
+        let valid = !name.is_empty()
+            && name.len() <= MAX_SCHEMA_BYTES
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && !name.starts_with("pg_");
+        if !valid {
+            return Err(StoreError::Config(format!(
+                "schema name `{name}`: use 1 to {MAX_SCHEMA_BYTES} lower-case letters, digits and `_`, not starting with a digit or `pg_`"
+            )));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn quoted(&self) -> String {
+        format!("\"{}\"", self.name)
+    }
+
+    /// The channel appends notify and relays listen on.
+    pub(crate) fn channel(&self) -> String {
+        format!("{}_outbox", self.name)
+    }
+
+    /// `sql` with `{schema}` (quoted) and `{schema_name}` filled in.
+    pub(crate) fn render(&self, sql: &str) -> String {
+        sql.replace("{schema}", &self.quoted())
+            .replace("{schema_name}", &self.name)
+    }
+
+    pub(crate) fn sql(&self, sql: &str) -> AssertSqlSafe<Arc<str>> {
+        AssertSqlSafe(Arc::from(self.render(sql)))
+    }
+}
+
+/// The outbox in a PostgreSQL schema: append events in your transaction,
+/// hand the same value to one or several [`outbox_core::Relay`]s (in one
+/// process or many) to publish them.
+#[derive(Debug, Clone)]
+pub struct PostgresOutbox {
+    pool: PgPool,
+    schema: Arc<Schema>,
+    max_payload_bytes: usize,
+    dead_letter_policy: DeadLetterPolicy,
+    /// Whether appends send a notification on commit.
+    notify: bool,
+    /// Whether relays wait for notifications (else they poll).
+    listen: bool,
+    /// The relays' notification connection, made at the first wait.
+    listener: Arc<Mutex<Option<PgListener>>>,
+}
+
+impl PostgresOutbox {
+    /// Connects to `url` (`postgres://user@host:port/database`) with a pool
+    /// of its own. Nothing is created: call [`PostgresOutbox::migrate`].
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(DEFAULT_POOL_SIZE)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Configuration(_) => {
+                    StoreError::Config(format!("cannot use `{url}`: {e}"))
+                }
+                e => map(e),
+            })?;
+        Ok(Self::from_pool(pool))
+    }
+
+    /// Uses an existing pool (yours, shared with your business tables).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self {
+            pool,
+            schema: Arc::new(Schema {
+                name: DEFAULT_SCHEMA.to_owned(),
+            }),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            dead_letter_policy: DeadLetterPolicy::default(),
+            notify: true,
+            listen: true,
+            listener: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Keeps the outbox's tables in schema `name` (default `outbox`), so
+    /// several outboxes (or test runs) share one database.
+    pub fn schema(mut self, name: &str) -> Result<Self, StoreError> {
+        self.schema = Arc::new(Schema::new(name)?);
+        self.listener = Arc::new(Mutex::new(None));
+        Ok(self)
+    }
+
+    /// Refuses payloads larger than `bytes` at append time.
+    pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = bytes;
+        self
+    }
+
+    /// What a dead letter does to the later events of its aggregate: flow
+    /// past it (the default), or park the aggregate until the dead letter
+    /// is replayed or skipped.
+    pub fn dead_letter_policy(mut self, policy: DeadLetterPolicy) -> Self {
+        self.dead_letter_policy = policy;
+        self
+    }
+
+    /// Whether relays wait for commit notifications (`LISTEN`, the default)
+    /// or only poll every `idle_poll`. Turn it off behind a pooler that
+    /// breaks `LISTEN`, such as PgBouncer in transaction mode.
+    pub fn listen(mut self, on: bool) -> Self {
+        self.listen = on;
+        self.listener = Arc::new(Mutex::new(None));
+        self
+    }
+
+    /// Whether appends notify relays on commit (`pg_notify`, the default).
+    /// With it off, relays find new events at their next poll.
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
+        self
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn schema_name(&self) -> &str {
+        self.schema.name()
+    }
+
+    /// Creates the schema and its tables, or brings them up to date. Safe to
+    /// run from several processes at once.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        migrate::run(&self.pool, &self.schema).await
+    }
+
+    /// The consumer-side inbox in the same schema.
+    pub fn inbox(&self) -> PostgresInbox {
+        PostgresInbox::new(self.schema.clone())
+    }
+
+    /// Appends `events` inside the caller's transaction: they are stored if
+    /// and only if it commits.
+    ///
+    /// Every event is checked before anything is written. Each aggregate's
+    /// row in `outbox_aggregates` is updated to the newest version appended,
+    /// on the condition that it holds an older version than the first one
+    /// appended: a concurrent writer of the same aggregate waits for this
+    /// transaction to end, so an aggregate's transactions commit in version
+    /// order. A version at or below the stored one fails with
+    /// [`StoreError::Conflict`]; roll the transaction back, reload, decide again.
+    pub async fn append(
+        &self,
+        conn: &mut PgConnection,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        // Per aggregate, in first-seen order: (type, id, first, last version).
+        let mut aggregates: Vec<(&str, &str, i64, i64)> = Vec::new();
+        for event in events {
+            event.validate()?;
+            let size = event.payload.as_str().len();
+            if size > self.max_payload_bytes {
+                return Err(StoreError::LimitExceeded {
+                    limit: "payload size in bytes",
+                    actual: size as u64,
+                    max: self.max_payload_bytes as u64,
+                });
+            }
+            // validate() keeps versions within i64.
+            let version = event.aggregate_version as i64;
+            let (t, i) = event.aggregate_key();
+            match aggregates.iter_mut().find(|a| a.0 == t && a.1 == i) {
+                Some(a) if version <= a.3 => {
+                    return Err(StoreError::Conflict(format!(
+                        "{t}/{i}: version {version} appended after version {}; versions must go up",
+                        a.3
+                    )))
+                }
+                Some(a) => a.3 = version,
+                None => aggregates.push((t, i, version, version)),
+            }
+        }
+        let sql = if self.notify { APPEND_NOTIFY } else { APPEND };
+        let row = sqlx::query(self.schema.sql(sql))
+            .bind(aggregates.iter().map(|a| a.0).collect::<Vec<_>>())
+            .bind(aggregates.iter().map(|a| a.1).collect::<Vec<_>>())
+            .bind(aggregates.iter().map(|a| a.2).collect::<Vec<_>>())
+            .bind(aggregates.iter().map(|a| a.3).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.id.to_string()).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.aggregate_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.aggregate_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.aggregate_version as i64)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.event_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.payload.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.metadata.traceparent.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.metadata.correlation_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.metadata.causation_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(self.schema.channel())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(map)?;
+        let updated: i64 = row.try_get(0).map_err(map)?;
+        if updated < aggregates.len() as i64 {
+            return Err(StoreError::Conflict(format!(
+                "an aggregate of this append already has its first version or a later one ({})",
+                aggregates
+                    .iter()
+                    .map(|a| format!("{}/{} from version {}", a.0, a.1, a.2))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The append, in one round trip: bump each aggregate's row under the
+/// version condition, then (only if every aggregate passed) insert the
+/// events. The insert reads the bumped rows, so it runs after the
+/// aggregate's lock is held: positions follow commit order per aggregate.
+macro_rules! append_sql {
+    ($notify:literal) => {
+        concat!(
+            "WITH agg AS (
+                INSERT INTO {schema}.outbox_aggregates AS a (aggregate_type, aggregate_id, first_version, version)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                ON CONFLICT (aggregate_type, aggregate_id)
+                DO UPDATE SET version = excluded.version, first_version = excluded.first_version
+                WHERE a.version < excluded.first_version
+                RETURNING a.aggregate_type, a.aggregate_id
+            ), ins AS (
+                INSERT INTO {schema}.outbox (id, aggregate_type, aggregate_id, aggregate_version,
+                    event_type, payload, occurred_at, traceparent, correlation_id, causation_id)
+                SELECT e.id, e.t, e.i, e.v, e.et, e.p, e.at, e.tp, e.corr, e.caus
+                FROM unnest($5::text[], $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[],
+                            $11::timestamptz[], $12::text[], $13::text[], $14::text[])
+                     WITH ORDINALITY AS e(id, t, i, v, et, p, at, tp, corr, caus, n)
+                JOIN agg ON agg.aggregate_type = e.t AND agg.aggregate_id = e.i
+                WHERE (SELECT count(*) FROM agg) = cardinality($1::text[])
+                ORDER BY e.n
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM agg), (SELECT count(*) FROM ins)",
+            $notify
+        )
+    };
+}
+
+const APPEND: &str = append_sql!(", $15::text AS channel");
+const APPEND_NOTIFY: &str = append_sql!(", pg_notify($15::text, '')");
