@@ -472,10 +472,12 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                     stop_starting = true;
                 }
                 let ready = lanes.ready(max_batch);
-                // With calls in flight, a part-filled call waits for them:
-                // each answer frees more aggregates, and every call has a
-                // fixed cost.
-                if stop_starting || ready == 0 || (!calls.is_empty() && ready < max_batch) {
+                // With calls in flight, a part-filled call waits for them
+                // (each answer frees more aggregates, and every call has a
+                // fixed cost), unless the deepest aggregate is ready: it
+                // sets how long the batch takes, so it never waits.
+                let fill = calls.is_empty() || ready >= max_batch || lanes.deepest_is_ready();
+                if stop_starting || ready == 0 || !fill {
                     break;
                 }
                 let (events, tickets) = lanes.take_heads(max_batch);
@@ -760,17 +762,33 @@ impl<R> Lanes<R> {
         self.lanes.iter().filter(|l| l.ready()).take(max).count()
     }
 
-    /// The heads of up to `max` ready aggregates, earliest first.
+    /// Whether an aggregate with the most events left (sent or not) can
+    /// go now.
+    fn deepest_is_ready(&self) -> bool {
+        let left = |l: &Lane<R>| l.queue.len() + usize::from(l.busy);
+        let deepest = self
+            .lanes
+            .iter()
+            .filter(|l| !l.blocked)
+            .map(left)
+            .max()
+            .unwrap_or(0);
+        self.lanes
+            .iter()
+            .any(|l| l.ready() && l.queue.len() == deepest)
+    }
+
+    /// The heads of up to `max` ready aggregates: those with the most events
+    /// left first (they set how long the batch takes), then the earliest.
     fn take_heads(&mut self, max: usize) -> (Vec<Event>, Vec<Ticket<R>>) {
+        let mut order: Vec<usize> = (0..self.lanes.len())
+            .filter(|&i| self.lanes[i].ready())
+            .collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.lanes[i].queue.len()));
         let mut events = Vec::new();
         let mut tickets = Vec::new();
-        for (i, lane) in self.lanes.iter_mut().enumerate() {
-            if events.len() == max {
-                break;
-            }
-            if !lane.ready() {
-                continue;
-            }
+        for i in order.into_iter().take(max) {
+            let lane = &mut self.lanes[i];
             if let Some(head) = lane.queue.pop_front() {
                 lane.busy = true;
                 tickets.push((i, head.attempts, head.receipt));

@@ -10,6 +10,11 @@ use outbox_nats::{async_nats, NatsPublisher, SubjectTemplate};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("OUTBOX_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let total: usize = 100_000;
+    // Events per call (default 100): OUTBOX_BATCH.
+    let batch: usize = std::env::var("OUTBOX_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(100);
     let stream = format!(
         "outbox_bench_{}",
         outbox_core::EventId::new().as_uuid().simple()
@@ -33,7 +38,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     let start = Instant::now();
     let mut failed = 0;
-    for chunk in events.chunks(100) {
+    for chunk in events.chunks(batch.max(1)) {
         failed += publisher
             .publish(PublishRequest::new(chunk))
             .await
@@ -43,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = start.elapsed();
     println!(
-        "nats: {total} events in {:.2} s = {:.0} events/s, {failed} failed (file storage)",
+        "nats: {total} events, {batch} a call, in {:.2} s = {:.0} events/s, {failed} failed (file storage)",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64()
     );

@@ -14,6 +14,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("OUTBOX_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let total: usize = 100_000;
+    // Events per call (default 100): OUTBOX_BATCH.
+    let batch: usize = std::env::var("OUTBOX_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(100);
     let name = format!(
         "outbox.bench.{}",
         outbox_core::EventId::new().as_uuid().simple()
@@ -48,7 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     let start = Instant::now();
     let mut failed = 0;
-    for chunk in events.chunks(100) {
+    for chunk in events.chunks(batch.max(1)) {
         failed += publisher
             .publish(PublishRequest::new(chunk))
             .await
@@ -58,7 +63,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = start.elapsed();
     println!(
-        "rabbitmq: {total} events in {:.2} s = {:.0} events/s, {failed} failed (durable queue, persistent)",
+        "rabbitmq: {total} events, {batch} a call, in {:.2} s = {:.0} events/s, {failed} failed (durable queue, persistent)",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64()
     );

@@ -121,7 +121,7 @@ impl RabbitPublisher {
     }
 
     /// Whether the exchange is declared on connecting (default: yes). Off,
-    /// it must exist: publishing to a missing exchange closes the channel.
+    /// it must exist: connecting checks that it does.
     #[must_use]
     pub fn declare_exchange(mut self, declare: bool) -> Self {
         self.declare_exchange = declare;
@@ -202,33 +202,38 @@ impl RabbitPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| RabbitError::amqp("confirm.select", e))?;
-        if self.declare_exchange {
-            let options = ExchangeDeclareOptions {
-                durable: true,
-                auto_delete: self.auto_delete,
-                ..Default::default()
-            };
-            channel
-                .exchange_declare(
-                    self.exchange.clone(),
-                    ExchangeKind::Topic,
-                    options,
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| match RabbitError::amqp("exchange.declare", e) {
-                    RabbitError::Amqp {
-                        source,
-                        retryable: false,
-                        ..
-                    } => RabbitError::Config(format!(
+        // Declared, or (when told not to declare) checked passively, so a
+        // missing exchange fails the start instead of every publish.
+        let options = ExchangeDeclareOptions {
+            passive: !self.declare_exchange,
+            durable: true,
+            auto_delete: self.auto_delete,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                self.exchange.clone(),
+                ExchangeKind::Topic,
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| match RabbitError::amqp("exchange.declare", e) {
+                RabbitError::Amqp {
+                    source,
+                    retryable: false,
+                    ..
+                } => RabbitError::Config(if self.declare_exchange {
+                    format!(
                         "exchange `{}` cannot be declared as a durable topic exchange \
                          (does it exist with another type or settings?): {source}",
                         self.exchange
-                    )),
-                    other => other,
-                })?;
-        }
+                    )
+                } else {
+                    format!("exchange `{}` does not exist: {source}", self.exchange)
+                }),
+                other => other,
+            })?;
         Ok(Session {
             connection,
             channel,

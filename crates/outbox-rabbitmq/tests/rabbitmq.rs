@@ -71,6 +71,16 @@ async fn an_exchange_of_another_type_is_a_clear_configuration_error() {
     assert!(matches!(err, RabbitError::Config(_)), "{err}");
     assert!(!err.is_retryable());
     assert!(err.to_string().contains(&exchange), "{err}");
+
+    let missing = common::unique("outbox.missing");
+    let err = RabbitPublisher::new(common::url(), &missing)
+        .expect("publisher")
+        .declare_exchange(false)
+        .check()
+        .await
+        .expect_err("no such exchange");
+    assert!(matches!(err, RabbitError::Config(_)), "{err}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -397,8 +397,11 @@ pub async fn outage_dead_letters_nothing<H: StoreHarness>(h: H, _: StoreFeatures
         .max_outage_pause(Duration::from_millis(40));
     let relay = Relay::new(h.store(), publisher.clone(), config).expect("relay");
     let running = async {
-        // Far more probes than attempts allowed per event.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Twice as many probes as attempts allowed per event.
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while publisher.calls_while_down() < 4 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(relay.outage().is_some(), "no outage seen");
         let during = stats(&h).await;
         assert_eq!(during.dead, 0, "an outage dead-lettered events: {during:?}");
