@@ -7,6 +7,7 @@
 //! [`ProxyHandle`] cloned from it. Dropping the proxy closes its port and
 //! every connection through it.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -470,6 +471,10 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>, born: Born) {
 
 /// Forwards one direction chunk by chunk, applying the faults, until either
 /// side ends or a fault ends the connection.
+///
+/// Latency is a delay line, as a long cable would be: each chunk leaves
+/// `latency` after it arrived, however many chunks a response takes, so a
+/// request or response is `latency` late, not `latency` per chunk.
 async fn pump(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
@@ -479,36 +484,44 @@ async fn pump(
     born: Born,
 ) -> End {
     let mut buf = vec![0u8; CHUNK_BYTES];
+    // Chunks read and not yet forwarded, with when they arrived; bounded.
+    let mut in_flight: VecDeque<(tokio::time::Instant, Vec<u8>)> = VecDeque::new();
+    let mut eof = false;
     // Bytes of this connection's response left before it is cut.
     let mut cut_after: Option<usize> = None;
     loop {
+        if eof && in_flight.is_empty() {
+            let _ = to.shutdown().await;
+            return End::Eof;
+        }
         if let Err(end) = flowing(&mut control, born).await {
             return end;
         }
-        let read = tokio::select! {
+        let due = in_flight
+            .front()
+            .map(|(arrived, _)| *arrived + shared.latency(direction));
+        let can_read = !eof && in_flight.len() < MAX_IN_FLIGHT;
+        tokio::select! {
+            biased;
             end = stopped(&mut control, born) => return end,
-            read = from.read(&mut buf) => read,
-        };
-        let n = match read {
-            Ok(0) => {
-                let _ = to.shutdown().await;
-                return End::Eof;
-            }
-            Ok(n) => n,
-            Err(_) => return End::Reset,
-        };
-        let latency = shared.latency(direction);
-        if !latency.is_zero() {
-            tokio::select! {
-                end = stopped(&mut control, born) => return end,
-                () = tokio::time::sleep(latency) => {}
+            () = sleep_until_some(due) => {}
+            read = from.read(&mut buf), if can_read => {
+                match read {
+                    Ok(0) => eof = true,
+                    Ok(n) => in_flight.push_back((tokio::time::Instant::now(), buf[..n].to_vec())),
+                    Err(_) => return End::Reset,
+                }
+                continue;
             }
         }
-        // Paused after the read: the chunk is held here.
+        let Some((_, data)) = in_flight.pop_front() else {
+            continue;
+        };
+        // Paused after the delay: the chunk is held here.
         if let Err(end) = flowing(&mut control, born).await {
             return end;
         }
-        let mut chunk = &buf[..n];
+        let mut chunk = &data[..];
         let mut cut_now = false;
         if direction == Direction::ToClient {
             if cut_after.is_none() {
@@ -534,5 +547,16 @@ async fn pump(
         if cut_now {
             return End::Close;
         }
+    }
+}
+
+/// Chunks held in one direction of one connection at most.
+const MAX_IN_FLIGHT: usize = 8;
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -177,6 +177,38 @@ async fn latency_delays_each_way_it_is_set_on() {
     assert!(none < Duration::from_millis(200), "{none:?}");
 }
 
+/// A response written in several pieces is late by the latency once, as
+/// over a long cable, not once per piece.
+#[tokio::test]
+async fn latency_is_paid_once_per_response_whatever_its_pieces() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        if let Ok((mut stream, _)) = listener.accept().await {
+            let mut line = [0u8; 1];
+            if stream.read_exact(&mut line).await.is_ok() {
+                // Headers, then the body a moment later: two chunks.
+                for piece in [&b"head:"[..], &b"body"[..], &b"!"[..]] {
+                    let _ = stream.write_all(piece).await;
+                    let _ = stream.flush().await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    });
+    let proxy = FaultProxy::start(addr).await.unwrap();
+    proxy.set_latency_on(Direction::ToClient, Duration::from_millis(200));
+    let mut stream = connect(&proxy).await;
+    let start = Instant::now();
+    stream.write_all(b"?").await.unwrap();
+    let mut got = vec![0u8; 10];
+    stream.read_exact(&mut got).await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(got, b"head:body!");
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(took < Duration::from_millis(380), "paid per piece: {took:?}");
+}
+
 #[tokio::test]
 async fn refuse_closes_new_connections_only_until_accept() {
     let proxy = FaultProxy::start(echo_server().await).await.unwrap();
