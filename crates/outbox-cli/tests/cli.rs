@@ -354,3 +354,58 @@ fn a_relay_without_a_region_fails_at_start_naming_the_flag() {
         (Some(1), Some(0))
     );
 }
+
+/// One row the relay cannot read (a BLOB payload, written by some other
+/// program) is dead-lettered alone; the rest is published, and
+/// `dead-letters list` shows it with its raw fields and the reason.
+#[test]
+fn a_malformed_row_is_dead_lettered_alone_and_listed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_one_event(dir.path());
+    let db = dir.path().join("t.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let outbox = outbox_sqlite::SqliteOutbox::open(&db).await.expect("open");
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, aggregate_version, event_type,
+                payload, occurred_at, next_attempt_at, created_at)
+             VALUES ('0190a4c2-0000-7000-8000-000000000001', 'Order', 'o-2', 1, 'OrderCreated',
+                X'C0FFEE', '2026-01-01T00:00:00Z', 0, 0)",
+        )
+        .execute(outbox.pool())
+        .await
+        .expect("insert a damaged row");
+    });
+    let relay = outbox(&["relay", "--store", &store, "--to", "null://", "--once"]);
+    assert!(relay.status.success(), "{}", stderr(&relay));
+    let status = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+    assert_eq!(
+        (
+            status["pending"].as_u64(),
+            status["published"].as_u64(),
+            status["dead"].as_u64()
+        ),
+        (Some(0), Some(1), Some(1)),
+        "{status}"
+    );
+    let listed = outbox(&["dead-letters", "list", "--store", &store, "--json"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let letters: Vec<Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0]["event"].is_null());
+    assert_eq!(letters[0]["raw"]["payload"]["blob"], 3);
+    assert!(
+        letters[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("payload holds a BLOB")),
+        "{letters:?}"
+    );
+    let text = outbox(&["dead-letters", "list", "--store", &store]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("MALFORMED"));
+}

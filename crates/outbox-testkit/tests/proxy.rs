@@ -206,7 +206,10 @@ async fn latency_is_paid_once_per_response_whatever_its_pieces() {
     let took = start.elapsed();
     assert_eq!(got, b"head:body!");
     assert!(took >= Duration::from_millis(200), "{took:?}");
-    assert!(took < Duration::from_millis(380), "paid per piece: {took:?}");
+    assert!(
+        took < Duration::from_millis(380),
+        "paid per piece: {took:?}"
+    );
 }
 
 #[tokio::test]
