@@ -1,10 +1,12 @@
-//! Operator commands: status, dead letters, purge.
+//! Operator commands: migrate, status, dead letters, purge.
 
 use std::time::Duration;
 
 use chrono::Utc;
 use clap::Subcommand;
 use outbox_core::{DeadLetters, EventId, Purge, ReplaySelector, Stats};
+
+use outbox_registry::Migrated;
 
 use crate::target::{open_existing, StoreUrl};
 use crate::{print_json, CliError};
@@ -44,6 +46,20 @@ pub enum DeadLetterCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+pub async fn migrate(url: &StoreUrl) -> Result<(), CliError> {
+    match url.migrate().await? {
+        Migrated::Postgres { schema, version } => {
+            println!("{url}: schema `{schema}` is at version {version}")
+        }
+        Migrated::OnOpen => {
+            println!("{url}: nothing to do: a SQLite store runs its migrations when it is opened")
+        }
+        Migrated::Nothing => println!("{url}: nothing to do: DynamoDB tables have no migrations"),
+        _ => println!("{url}: migrated"),
+    }
+    Ok(())
 }
 
 pub async fn status(

@@ -83,6 +83,12 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         ));
     }
     let (url, _temp) = target::or_temporary(args.store.as_ref(), "bench.db")?;
+    // Checked before opening: opening another store could create its tables.
+    if !matches!(url, StoreUrl::Sqlite { .. }) {
+        return Err(CliError::Usage(
+            "bench measures the embedded store: use --store sqlite://FILE".into(),
+        ));
+    }
     let publisher = target::open_target(&args.to, "urn:outbox:bench").await?;
     let Store::Sqlite(store) = target::open_store(&url).await? else {
         return Err(CliError::Usage(

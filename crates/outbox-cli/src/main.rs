@@ -53,6 +53,12 @@ enum Command {
     /// List or replay dead-lettered events.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(admin::DeadLetterCommand),
+    /// Create or upgrade a store's tables (PostgreSQL); the relay and the
+    /// other commands never create them.
+    Migrate {
+        #[arg(long)]
+        store: StoreUrl,
+    },
     /// Delete published events older than a given age.
     Purge {
         #[arg(long)]
@@ -140,6 +146,7 @@ fn main() -> ExitCode {
                 fail_on_dead,
             } => admin::status(&store, json, max_pending_age, fail_on_dead).await,
             Command::DeadLetters(cmd) => admin::dead_letters(cmd).await,
+            Command::Migrate { store } => admin::migrate(&store).await,
             Command::Purge { store, older_than } => admin::purge(&store, older_than).await,
             Command::Bench(args) => bench::run(args).await,
         }

@@ -13,7 +13,9 @@ use crate::{shutdown_signal, CliError};
 pub struct RelayArgs {
     #[arg(long)]
     store: StoreUrl,
-    /// Where to publish: eventbridge://BUS, sqs://QUEUE, sns://TOPIC_ARN, stdout://, null://.
+    /// Where to publish: eventbridge://BUS, sqs://QUEUE, sns://TOPIC_ARN,
+    /// nats://HOST:PORT[?stream=NAME&subject=TEMPLATE],
+    /// amqp://USER:PASS@HOST:PORT[/VHOST][?exchange=NAME], stdout://, null://.
     #[arg(long)]
     to: TargetUrl,
     /// CloudEvents `source` of the published events.

@@ -32,6 +32,24 @@ pub enum RegistryError {
         source: outbox_aws::AwsError,
     },
 
+    /// The NATS server cannot be reached, or the stream cannot be used as
+    /// named (a stream of that name taking other subjects, ...).
+    #[error("target {url}: {source}")]
+    Nats {
+        url: String,
+        #[source]
+        source: outbox_nats::NatsError,
+    },
+
+    /// The RabbitMQ broker cannot be reached, refused the credentials, or
+    /// the exchange cannot be declared as named.
+    #[error("target {url}: {source}")]
+    Rabbit {
+        url: String,
+        #[source]
+        source: outbox_rabbitmq::RabbitError,
+    },
+
     /// Opening the store failed.
     #[error("store {url}: {source}")]
     Store {
@@ -47,6 +65,8 @@ impl RegistryError {
         match self {
             RegistryError::Target { source, .. } => source.is_retryable(),
             RegistryError::Store { source, .. } => source.is_retryable(),
+            RegistryError::Nats { source, .. } => source.is_retryable(),
+            RegistryError::Rabbit { source, .. } => source.is_retryable(),
             _ => false,
         }
     }

@@ -10,6 +10,7 @@ use outbox_core::{
 use outbox_dynamodb::{
     DynamoOutbox, PollingOutbox, PollingReceipt, Shape, StreamReceipt, StreamSource,
 };
+use outbox_postgres::{PostgresOutbox, SCHEMA_VERSION};
 use outbox_sqlite::SqliteOutbox;
 
 use crate::error::RegistryError;
@@ -23,6 +24,7 @@ pub enum Store {
     Sqlite(SqliteOutbox),
     DynamoStream(StreamSource),
     DynamoPolling(PollingOutbox),
+    Postgres(PostgresOutbox),
 }
 
 /// The receipt of whichever store claimed an event.
@@ -32,6 +34,20 @@ pub enum StoreReceipt {
     Sqlite(i64),
     DynamoStream(StreamReceipt),
     DynamoPolling(PollingReceipt),
+    /// The event's position in the PostgreSQL outbox table.
+    Postgres(i64),
+}
+
+/// What `outbox migrate` did to a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Migrated {
+    /// The PostgreSQL schema is at this version now.
+    Postgres { schema: String, version: i64 },
+    /// SQLite: the migrations run whenever the store is opened.
+    OnOpen,
+    /// DynamoDB: tables have no schema to migrate.
+    Nothing,
 }
 
 impl StoreUrl {
@@ -48,6 +64,108 @@ impl StoreUrl {
         aws: Option<&aws_config::SdkConfig>,
     ) -> Result<Store, RegistryError> {
         self.open_with(aws, false).await
+    }
+
+    /// Creates or upgrades the store's tables where a store has migrations
+    /// (PostgreSQL); safe to run again, and from several processes at once.
+    pub async fn migrate(&self) -> Result<Migrated, RegistryError> {
+        match self {
+            StoreUrl::Postgres { .. } => {
+                let outbox = self.connect_postgres().await?;
+                outbox
+                    .migrate()
+                    .await
+                    .map_err(|source| RegistryError::Store {
+                        url: self.to_string(),
+                        source,
+                    })?;
+                Ok(Migrated::Postgres {
+                    schema: outbox.schema_name().to_owned(),
+                    version: SCHEMA_VERSION,
+                })
+            }
+            StoreUrl::Sqlite { .. } => Ok(Migrated::OnOpen),
+            StoreUrl::DynamoDb { .. } => Ok(Migrated::Nothing),
+        }
+    }
+
+    /// Connects to a `postgres://` store's database, with its schema and
+    /// policy set; creates nothing.
+    async fn connect_postgres(&self) -> Result<PostgresOutbox, RegistryError> {
+        let store_error = |source: StoreError| RegistryError::Store {
+            url: self.to_string(),
+            source,
+        };
+        let StoreUrl::Postgres {
+            url,
+            schema,
+            dead_letters,
+        } = self
+        else {
+            return Err(RegistryError::Unsupported {
+                url: self.to_string(),
+                reason: "not a PostgreSQL store".to_owned(),
+            });
+        };
+        Ok(PostgresOutbox::connect(url)
+            .await
+            .map_err(store_error)?
+            .schema(schema)
+            .map_err(store_error)?
+            .dead_letter_policy(*dead_letters))
+    }
+
+    /// Fails clearly, pointing to `outbox migrate`, when the schema's tables
+    /// do not exist or are older than this build.
+    async fn require_migrated(&self, outbox: &PostgresOutbox) -> Result<(), RegistryError> {
+        let store_error = |e: sqlx::Error| RegistryError::Store {
+            url: self.to_string(),
+            source: sql_error(e),
+        };
+        // Schema names are validated (lower-case letters, digits, `_`), so
+        // quoting them needs no escaping.
+        let table = format!("\"{}\".outbox_schema_migrations", outbox.schema_name());
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1::text) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(outbox.pool())
+            .await
+            .map_err(store_error)?;
+        let version: i64 = if exists {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT COALESCE(MAX(version), 0) FROM {table}"
+            )))
+            .fetch_one(outbox.pool())
+            .await
+            .map_err(store_error)?
+        } else {
+            0
+        };
+        let schema = outbox.schema_name();
+        let url = self.to_string();
+        match version {
+            0 => Err(RegistryError::NoStore {
+                reason: format!(
+                    "no outbox tables in schema `{schema}`; create them with \
+                     `outbox migrate --store {url}`"
+                ),
+                url,
+            }),
+            v if v < SCHEMA_VERSION => Err(RegistryError::NoStore {
+                reason: format!(
+                    "the outbox tables in schema `{schema}` are at version {v}, this build \
+                     needs version {SCHEMA_VERSION}; upgrade them with `outbox migrate --store {url}`"
+                ),
+                url,
+            }),
+            v if v > SCHEMA_VERSION => Err(RegistryError::Unsupported {
+                reason: format!(
+                    "the outbox tables in schema `{schema}` are at version {v}, newer than \
+                     this build knows ({SCHEMA_VERSION}); upgrade this program"
+                ),
+                url,
+            }),
+            _ => Ok(()),
+        }
     }
 
     async fn open_with(
@@ -72,6 +190,15 @@ impl StoreUrl {
                     .map_err(store_error)?
                     .dead_letter_policy(*dead_letters),
             )),
+            StoreUrl::Postgres { .. } => {
+                let outbox = self.connect_postgres().await?;
+                if create {
+                    outbox.migrate().await.map_err(store_error)?;
+                } else {
+                    self.require_migrated(&outbox).await?;
+                }
+                Ok(Store::Postgres(outbox))
+            }
             StoreUrl::DynamoDb {
                 table,
                 shape,
@@ -156,6 +283,16 @@ impl StoreUrl {
     }
 }
 
+/// A driver error of the registry's own queries: a lost connection may pass.
+fn sql_error(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            StoreError::Unavailable(Box::new(e))
+        }
+        e => StoreError::Backend(Box::new(e)),
+    }
+}
+
 /// Runs `$body` with `$s` bound to whichever store `$store` holds.
 macro_rules! each_store {
     ($store:expr, $s:ident => $body:expr) => {
@@ -163,6 +300,7 @@ macro_rules! each_store {
             Store::Sqlite($s) => $body,
             Store::DynamoStream($s) => $body,
             Store::DynamoPolling($s) => $body,
+            Store::Postgres($s) => $body,
         }
     };
 }
@@ -231,6 +369,7 @@ impl ClaimSource for Store {
             Store::Sqlite(s) => wrap(s.claim(request).await?, StoreReceipt::Sqlite),
             Store::DynamoStream(s) => wrap(s.claim(request).await?, StoreReceipt::DynamoStream),
             Store::DynamoPolling(s) => wrap(s.claim(request).await?, StoreReceipt::DynamoPolling),
+            Store::Postgres(s) => wrap(s.claim(request).await?, StoreReceipt::Postgres),
         })
     }
 
@@ -257,6 +396,13 @@ impl ClaimSource for Store {
             Store::DynamoPolling(s) => {
                 let mine = unwrap(settlements, |r| match r {
                     StoreReceipt::DynamoPolling(r) => Some(r),
+                    _ => None,
+                })?;
+                s.settle(lease, mine).await
+            }
+            Store::Postgres(s) => {
+                let mine = unwrap(settlements, |r| match r {
+                    StoreReceipt::Postgres(r) => Some(r),
                     _ => None,
                 })?;
                 s.settle(lease, mine).await

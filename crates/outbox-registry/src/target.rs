@@ -2,7 +2,11 @@
 
 use outbox_core::publishers::{NullPublisher, StdoutPublisher};
 use outbox_core::{PublishRequest, PublishResult, Publisher};
+use std::sync::Arc;
+
 use outbox_eventbridge::EventBridgePublisher;
+use outbox_nats::NatsPublisher;
+use outbox_rabbitmq::RabbitPublisher;
 use outbox_sns::SnsPublisher;
 use outbox_sqs::SqsPublisher;
 
@@ -68,6 +72,10 @@ pub enum AnyPublisher {
     EventBridge(EventBridgePublisher),
     Sqs(SqsPublisher),
     Sns(SnsPublisher),
+    /// Boxed: a NATS client and its JetStream context are large.
+    Nats(Box<NatsPublisher>),
+    /// Shared: the publisher holds its connection, which clones share.
+    Rabbit(Arc<RabbitPublisher>),
 }
 
 impl TargetUrl {
@@ -103,6 +111,50 @@ impl TargetUrl {
                     reason: "memory:// lives inside one process: only `outbox demo` can use it"
                         .to_owned(),
                 })
+            }
+            (
+                TargetUrl::Nats {
+                    server,
+                    stream,
+                    subject,
+                },
+                _,
+            ) => {
+                let nats_error = |source| RegistryError::Nats {
+                    url: url.clone(),
+                    source,
+                };
+                let mut publisher = NatsPublisher::connect(server, stream.as_str())
+                    .await
+                    .map_err(nats_error)?
+                    .subject(subject.clone())
+                    .source(&options.source);
+                if let Some(max) = options.max_entry_bytes {
+                    publisher = publisher.max_entry_bytes(max);
+                }
+                if options.check {
+                    // Creates the stream when missing; refuses one that
+                    // does not take the template's subjects.
+                    publisher.check().await.map_err(nats_error)?;
+                }
+                return Ok(AnyPublisher::Nats(Box::new(publisher)));
+            }
+            (TargetUrl::Amqp { uri, exchange }, _) => {
+                let rabbit_error = |source| RegistryError::Rabbit {
+                    url: url.clone(),
+                    source,
+                };
+                let mut publisher = RabbitPublisher::new(uri.as_str(), exchange)
+                    .map_err(rabbit_error)?
+                    .source(&options.source);
+                if let Some(max) = options.max_entry_bytes {
+                    publisher = publisher.max_message_bytes(max);
+                }
+                if options.check {
+                    // Connects and declares the exchange.
+                    publisher.check().await.map_err(rabbit_error)?;
+                }
+                return Ok(AnyPublisher::Rabbit(Arc::new(publisher)));
             }
             (TargetUrl::EventBridge { bus }, Some(config)) => AnyPublisher::EventBridge(
                 EventBridgePublisher::new(eventbridge_client(config), bus).source(&options.source),
@@ -206,17 +258,27 @@ impl AnyPublisher {
             AnyPublisher::EventBridge(p) => AnyPublisher::EventBridge(p.max_entry_bytes(max)),
             AnyPublisher::Sqs(p) => AnyPublisher::Sqs(p.max_entry_bytes(max)),
             AnyPublisher::Sns(p) => AnyPublisher::Sns(p.max_entry_bytes(max)),
+            AnyPublisher::Nats(p) => AnyPublisher::Nats(Box::new(p.max_entry_bytes(max))),
+            // Set at open (`TargetOptions::max_entry_bytes`); a publisher
+            // already shared by clones keeps its limit.
+            AnyPublisher::Rabbit(p) => AnyPublisher::Rabbit(
+                Arc::try_unwrap(p).map_or_else(|p| p, |p| Arc::new(p.max_message_bytes(max))),
+            ),
             other => other,
         }
     }
 
-    /// Checks that the bus, queue or topic exists and may be used.
+    /// Checks that the AWS bus, queue or topic exists and may be used
+    /// (NATS and RabbitMQ targets are checked by [`TargetUrl::open`]).
     pub async fn check(&self) -> Result<(), outbox_aws::AwsError> {
         match self {
             AnyPublisher::EventBridge(p) => p.check().await,
             AnyPublisher::Sqs(p) => p.check().await,
             AnyPublisher::Sns(p) => p.check().await,
-            AnyPublisher::Null(_) | AnyPublisher::Stdout(_) => Ok(()),
+            AnyPublisher::Null(_)
+            | AnyPublisher::Stdout(_)
+            | AnyPublisher::Nats(_)
+            | AnyPublisher::Rabbit(_) => Ok(()),
         }
     }
 }
@@ -229,6 +291,9 @@ impl Publisher for AnyPublisher {
             AnyPublisher::EventBridge(p) => p.max_batch_size(),
             AnyPublisher::Sqs(p) => p.max_batch_size(),
             AnyPublisher::Sns(p) => p.max_batch_size(),
+            // Named: the publishers have builder methods of the same name.
+            AnyPublisher::Nats(p) => Publisher::max_batch_size(p.as_ref()),
+            AnyPublisher::Rabbit(p) => Publisher::max_batch_size(p.as_ref()),
         }
     }
 
@@ -239,6 +304,8 @@ impl Publisher for AnyPublisher {
             AnyPublisher::EventBridge(p) => p.publish(request).await,
             AnyPublisher::Sqs(p) => p.publish(request).await,
             AnyPublisher::Sns(p) => p.publish(request).await,
+            AnyPublisher::Nats(p) => p.as_ref().publish(request).await,
+            AnyPublisher::Rabbit(p) => p.as_ref().publish(request).await,
         }
     }
 }

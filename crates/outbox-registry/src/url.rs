@@ -5,11 +5,13 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use outbox_core::DeadLetterPolicy;
+use outbox_nats::{SubjectTemplate, DEFAULT_SUBJECT_TEMPLATE};
 
 use crate::error::RegistryError;
 
-/// A store named by URL: `sqlite://FILE` or `dynamodb://TABLE`, with options
-/// after `?` (`shape=polling`, `dead_letters=park`).
+/// A store named by URL: `sqlite://FILE`, `dynamodb://TABLE` or
+/// `postgres://USER@HOST:PORT/DB`, with options after `?` (`shape=polling`,
+/// `schema=NAME`, `dead_letters=park`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreUrl {
@@ -22,6 +24,14 @@ pub enum StoreUrl {
     DynamoDb {
         table: String,
         shape: DynamoShape,
+        dead_letters: DeadLetterPolicy,
+    },
+    /// An outbox in a schema of a PostgreSQL database. `url` is the
+    /// connection URL handed to the driver (without this program's options);
+    /// it may hold a password, which `Display` never shows.
+    Postgres {
+        url: String,
+        schema: String,
         dead_letters: DeadLetterPolicy,
     },
 }
@@ -41,7 +51,178 @@ fn valid_table_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-const STORES: &str = "sqlite://FILE, dynamodb://TABLE[?shape=polling]";
+const STORES: &str =
+    "sqlite://FILE, dynamodb://TABLE[?shape=polling], postgres://USER@HOST:PORT/DB[?schema=NAME]";
+
+/// Options of a `postgres://` URL that go to the driver as they are.
+const POSTGRES_DRIVER_OPTIONS: &[&str] = &[
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "application_name",
+    "options",
+];
+
+/// The schema of a `postgres://` store when none is given.
+pub const DEFAULT_POSTGRES_SCHEMA: &str = outbox_postgres::DEFAULT_SCHEMA;
+
+/// The stream of a `nats://` target when none is given.
+pub const DEFAULT_NATS_STREAM: &str = "OUTBOX";
+
+/// The exchange of an `amqp://` target when none is given.
+pub const DEFAULT_AMQP_EXCHANGE: &str = "outbox";
+
+/// Checks a server's URL, `scheme://[USER[:PASSWORD]@]HOST[:PORT][/PATH]`
+/// (`rest` is what follows `scheme://`, without the query): there is a host,
+/// a port is a number. Returns the path, without its leading `/`.
+fn parse_server<'a>(url: &str, rest: &'a str, example: &str) -> Result<&'a str, RegistryError> {
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, ""),
+    };
+    // The password may hold `@` or `:` once percent-encoded only, so the
+    // last `@` ends the user part.
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match hostport.rsplit_once(':') {
+        // An IPv6 address in brackets has colons of its own.
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (hostport, None),
+    };
+    if host.is_empty() {
+        return Err(invalid(
+            url,
+            format!("names no host; expected e.g. {example}"),
+        ));
+    }
+    if let Some(port) = port {
+        if port.parse::<u16>().is_err() {
+            return Err(invalid(
+                url,
+                format!("port `{port}` is not a number from 0 to 65535"),
+            ));
+        }
+    }
+    Ok(path)
+}
+
+/// `url` with the password of its user part, if any, shown as `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _password)) => format!("{scheme}://{name}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// A query value with its `%XX` escapes decoded.
+fn decode(url: &str, value: &str) -> Result<String, RegistryError> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let byte = value
+                .get(i + 1..i + 3)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| invalid(url, format!("`{value}` has a bad %-escape")))?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| invalid(url, format!("`{value}` is not UTF-8 once decoded")))
+}
+
+/// PostgreSQL schema names as outbox-postgres takes them: 1 to 48
+/// lower-case letters, digits and `_`, not starting with a digit or `pg_`.
+fn valid_schema_name(name: &str) -> bool {
+    (1..=48).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && !name.starts_with("pg_")
+}
+
+/// JetStream stream names: no whitespace, `.`, `*`, `>`, slashes or
+/// control characters, at most 255 bytes.
+fn valid_stream_name(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && !name.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\')
+        })
+}
+
+/// AMQP 0-9-1 exchange names: 1 to 255 of `a-z A-Z 0-9 - _ . :`.
+fn valid_exchange_name(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn parse_postgres(url: &str, rest: &str) -> Result<StoreUrl, RegistryError> {
+    const EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/app";
+    let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let database = parse_server(url, base, EXAMPLE)?;
+    if database.is_empty() || database.contains('/') {
+        return Err(invalid(
+            url,
+            format!("names no database (or more than one); expected e.g. {EXAMPLE}"),
+        ));
+    }
+    let mut schema = DEFAULT_POSTGRES_SCHEMA.to_owned();
+    let mut dead_letters = DeadLetterPolicy::default();
+    let mut driver = Vec::new();
+    for option in query.split('&').filter(|o| !o.is_empty()) {
+        match option.split_once('=') {
+            Some(("schema", value)) => {
+                schema = decode(url, value)?;
+                if !valid_schema_name(&schema) {
+                    return Err(invalid(
+                        url,
+                        format!(
+                            "schema `{schema}`: use 1 to 48 lower-case letters, digits and `_`, \
+                             not starting with a digit or `pg_`"
+                        ),
+                    ));
+                }
+            }
+            Some(("dead_letters", value)) => dead_letters = parse_policy(url, value)?,
+            Some((key, _)) if POSTGRES_DRIVER_OPTIONS.contains(&key) => driver.push(option),
+            _ => {
+                return Err(invalid(
+                    url,
+                    format!(
+                        "unknown option `{option}`; known options: schema=NAME, \
+                         dead_letters=continue|park, {}",
+                        POSTGRES_DRIVER_OPTIONS.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+    let scheme = url.split_once("://").map_or("postgres", |(s, _)| s);
+    let mut connect = format!("{scheme}://{base}");
+    if !driver.is_empty() {
+        connect = format!("{connect}?{}", driver.join("&"));
+    }
+    Ok(StoreUrl::Postgres {
+        url: connect,
+        schema,
+        dead_letters,
+    })
+}
 
 impl StoreUrl {
     /// A SQLite store at `path`, with the default dead-letter policy.
@@ -59,9 +240,9 @@ impl StoreUrl {
 
     pub fn dead_letter_policy(&self) -> DeadLetterPolicy {
         match self {
-            StoreUrl::Sqlite { dead_letters, .. } | StoreUrl::DynamoDb { dead_letters, .. } => {
-                *dead_letters
-            }
+            StoreUrl::Sqlite { dead_letters, .. }
+            | StoreUrl::DynamoDb { dead_letters, .. }
+            | StoreUrl::Postgres { dead_letters, .. } => *dead_letters,
         }
     }
 }
@@ -91,9 +272,13 @@ impl FromStr for StoreUrl {
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             invalid(
                 url,
-                "not a store URL; expected e.g. sqlite://outbox.db or dynamodb://Outbox",
+                "not a store URL; expected e.g. sqlite://outbox.db, dynamodb://Outbox \
+                 or postgres://postgres@127.0.0.1:5432/app",
             )
         })?;
+        if matches!(scheme, "postgres" | "postgresql") {
+            return parse_postgres(url, rest);
+        }
         let (name, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut dead_letters = DeadLetterPolicy::default();
         let mut shape = None;
@@ -153,18 +338,32 @@ impl FromStr for StoreUrl {
 
 impl fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut options = Vec::new();
+        let mut options: Vec<String> = Vec::new();
         match self {
             StoreUrl::Sqlite { path, .. } => write!(f, "sqlite://{}", path.display())?,
             StoreUrl::DynamoDb { table, shape, .. } => {
                 write!(f, "dynamodb://{table}")?;
                 if *shape == DynamoShape::Polling {
-                    options.push("shape=polling");
+                    options.push("shape=polling".to_owned());
                 }
+            }
+            StoreUrl::Postgres { url, schema, .. } => {
+                // The driver's options already follow a `?`.
+                let (base, driver) = url.split_once('?').unwrap_or((url, ""));
+                f.write_str(&redact(base))?;
+                if schema != DEFAULT_POSTGRES_SCHEMA {
+                    options.push(format!("schema={schema}"));
+                }
+                options.extend(
+                    driver
+                        .split('&')
+                        .filter(|o| !o.is_empty())
+                        .map(str::to_owned),
+                );
             }
         }
         if self.dead_letter_policy() == DeadLetterPolicy::Park {
-            options.push("dead_letters=park");
+            options.push("dead_letters=park".to_owned());
         }
         if !options.is_empty() {
             write!(f, "?{}", options.join("&"))?;
@@ -194,10 +393,105 @@ pub enum TargetUrl {
     Sns {
         topic_arn: String,
     },
+    /// A NATS JetStream stream. `server` is the URL the client connects to
+    /// (`nats://HOST:PORT`, with a user part if given).
+    Nats {
+        server: String,
+        stream: String,
+        subject: SubjectTemplate,
+    },
+    /// A RabbitMQ exchange. `uri` is the AMQP URI the client connects to
+    /// (`amqp://USER:PASS@HOST:PORT/VHOST`); `Display` never shows the password.
+    Amqp {
+        uri: String,
+        exchange: String,
+    },
 }
 
-const TARGETS: &str =
-    "eventbridge://BUS, sqs://QUEUE_URL_OR_NAME, sns://TOPIC_ARN, null://, stdout://, memory://";
+const TARGETS: &str = "eventbridge://BUS, sqs://QUEUE_URL_OR_NAME, sns://TOPIC_ARN, \
+     nats://HOST:PORT[?stream=NAME&subject=TEMPLATE], amqp://USER:PASS@HOST:PORT[/VHOST][?exchange=NAME], \
+     null://, stdout://, memory://";
+
+fn parse_nats(url: &str, scheme: &str, rest: &str) -> Result<TargetUrl, RegistryError> {
+    const EXAMPLE: &str = "nats://127.0.0.1:4222?stream=OUTBOX";
+    let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if !parse_server(url, base, EXAMPLE)?.is_empty() {
+        return Err(invalid(
+            url,
+            format!("a NATS URL has no path; name the stream with ?stream=NAME, as in {EXAMPLE}"),
+        ));
+    }
+    let mut stream = DEFAULT_NATS_STREAM.to_owned();
+    let mut subject = SubjectTemplate::default();
+    for option in query.split('&').filter(|o| !o.is_empty()) {
+        match option.split_once('=') {
+            Some(("stream", value)) => {
+                stream = decode(url, value)?;
+                if !valid_stream_name(&stream) {
+                    return Err(invalid(
+                        url,
+                        format!(
+                            "stream `{stream}`: a JetStream stream name has no spaces, \
+                             `.`, `*`, `>` or slashes"
+                        ),
+                    ));
+                }
+            }
+            Some(("subject", value)) => {
+                subject = SubjectTemplate::parse(&decode(url, value)?)
+                    .map_err(|e| invalid(url, e.to_string()))?;
+            }
+            _ => {
+                return Err(invalid(
+                    url,
+                    format!(
+                        "unknown option `{option}`; known options: stream=NAME, subject=TEMPLATE"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(TargetUrl::Nats {
+        server: format!("{scheme}://{base}"),
+        stream,
+        subject,
+    })
+}
+
+fn parse_amqp(url: &str, scheme: &str, rest: &str) -> Result<TargetUrl, RegistryError> {
+    const EXAMPLE: &str = "amqp://guest:guest@127.0.0.1:5672/%2f?exchange=outbox";
+    let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if parse_server(url, base, EXAMPLE)?.contains('/') {
+        return Err(invalid(
+            url,
+            "a virtual host is one path segment (write `/` inside it as %2f)",
+        ));
+    }
+    let mut exchange = DEFAULT_AMQP_EXCHANGE.to_owned();
+    for option in query.split('&').filter(|o| !o.is_empty()) {
+        match option.split_once('=') {
+            Some(("exchange", value)) => {
+                exchange = decode(url, value)?;
+                if !valid_exchange_name(&exchange) {
+                    return Err(invalid(
+                        url,
+                        format!("exchange `{exchange}`: use 1 to 255 of a-z A-Z 0-9 - _ . :"),
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    url,
+                    format!("unknown option `{option}`; known options: exchange=NAME"),
+                ))
+            }
+        }
+    }
+    Ok(TargetUrl::Amqp {
+        uri: format!("{scheme}://{base}"),
+        exchange,
+    })
+}
 
 impl TargetUrl {
     /// Whether opening the target needs the AWS configuration.
@@ -232,6 +526,8 @@ impl FromStr for TargetUrl {
             "null" => Ok(TargetUrl::Null),
             "stdout" => Ok(TargetUrl::Stdout),
             "memory" => Ok(TargetUrl::Memory),
+            "nats" | "tls" => parse_nats(url, scheme, rest),
+            "amqp" | "amqps" => parse_amqp(url, scheme, rest),
             "eventbridge" | "sqs" | "sns" if rest.is_empty() => Err(needs_name()),
             "eventbridge" => Ok(TargetUrl::EventBridge {
                 bus: rest.to_owned(),
@@ -270,6 +566,31 @@ impl fmt::Display for TargetUrl {
             TargetUrl::EventBridge { bus } => write!(f, "eventbridge://{bus}"),
             TargetUrl::Sqs { queue } => write!(f, "sqs://{queue}"),
             TargetUrl::Sns { topic_arn } => write!(f, "sns://{topic_arn}"),
+            TargetUrl::Nats {
+                server,
+                stream,
+                subject,
+            } => {
+                f.write_str(&redact(server))?;
+                let mut options = Vec::new();
+                if stream != DEFAULT_NATS_STREAM {
+                    options.push(format!("stream={stream}"));
+                }
+                if subject.as_str() != DEFAULT_SUBJECT_TEMPLATE {
+                    options.push(format!("subject={}", subject.as_str()));
+                }
+                if !options.is_empty() {
+                    write!(f, "?{}", options.join("&"))?;
+                }
+                Ok(())
+            }
+            TargetUrl::Amqp { uri, exchange } => {
+                f.write_str(&redact(uri))?;
+                if exchange != DEFAULT_AMQP_EXCHANGE {
+                    write!(f, "?exchange={exchange}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -367,6 +688,139 @@ mod tests {
                 "sqs://http://127.0.0.1:5000/",
                 "host, an account and a queue name",
             ),
+        ] {
+            let err = url.parse::<TargetUrl>().unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains(url), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn parses_postgres_stores_and_keeps_passwords_out_of_sight() {
+        assert_eq!(
+            store("postgres://postgres@127.0.0.1:5432/test"),
+            Ok(StoreUrl::Postgres {
+                url: "postgres://postgres@127.0.0.1:5432/test".into(),
+                schema: "outbox".into(),
+                dead_letters: DeadLetterPolicy::Continue,
+            })
+        );
+        assert_eq!(
+            store("postgres://app@db:5432/shop?schema=orders_outbox&dead_letters=park&sslmode=require"),
+            Ok(StoreUrl::Postgres {
+                url: "postgres://app@db:5432/shop?sslmode=require".into(),
+                schema: "orders_outbox".into(),
+                dead_letters: DeadLetterPolicy::Park,
+            })
+        );
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/test",
+            "postgresql://app@db/shop?schema=orders&dead_letters=park",
+            "postgres://app@db:5432/shop?schema=orders&sslmode=require",
+        ] {
+            assert_eq!(store(url).unwrap().to_string(), url);
+        }
+        let secret = store("postgres://app:s3cret@db:5432/shop").unwrap();
+        assert_eq!(secret.to_string(), "postgres://app:***@db:5432/shop");
+        assert!(matches!(&secret, StoreUrl::Postgres { url, .. } if url.contains("s3cret")));
+        assert!(!secret.is_aws());
+    }
+
+    #[test]
+    fn refuses_bad_postgres_urls_with_the_reason() {
+        for (url, says) in [
+            ("postgres://127.0.0.1:5432", "names no database"),
+            ("postgres://127.0.0.1:5432/", "names no database"),
+            ("postgres://@:5432/db", "names no host"),
+            ("postgres://h:port/db", "port `port`"),
+            ("postgres://h/db?schema=Orders", "schema `Orders`"),
+            ("postgres://h/db?schema=pg_x", "schema `pg_x`"),
+            ("postgres://h/db?schema=", "schema ``"),
+            (
+                "postgres://h/db?shape=polling",
+                "unknown option `shape=polling`",
+            ),
+            ("postgres://h/db?dead_letters=drop", "dead_letters=drop"),
+        ] {
+            let err = store(url).unwrap_err();
+            assert!(err.contains(says) && err.contains(url), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn parses_nats_and_amqp_targets() {
+        let target = |url: &str| url.parse::<TargetUrl>().map_err(|e| e.to_string());
+        assert_eq!(
+            target("nats://127.0.0.1:4222"),
+            Ok(TargetUrl::Nats {
+                server: "nats://127.0.0.1:4222".into(),
+                stream: "OUTBOX".into(),
+                subject: SubjectTemplate::parse("events.{aggregatetype}.{type}").unwrap(),
+            })
+        );
+        assert_eq!(
+            target("nats://h:4222?stream=SHOP&subject=shop.%7Baggregatetype%7D.{type}"),
+            Ok(TargetUrl::Nats {
+                server: "nats://h:4222".into(),
+                stream: "SHOP".into(),
+                subject: SubjectTemplate::parse("shop.{aggregatetype}.{type}").unwrap(),
+            })
+        );
+        assert_eq!(
+            target("amqp://guest:guest@127.0.0.1:5672"),
+            Ok(TargetUrl::Amqp {
+                uri: "amqp://guest:guest@127.0.0.1:5672".into(),
+                exchange: "outbox".into(),
+            })
+        );
+        assert_eq!(
+            target("amqp://u:p@rabbit:5672/%2f?exchange=shop.events"),
+            Ok(TargetUrl::Amqp {
+                uri: "amqp://u:p@rabbit:5672/%2f".into(),
+                exchange: "shop.events".into(),
+            })
+        );
+        for url in [
+            "nats://127.0.0.1:4222",
+            "nats://127.0.0.1:4222?stream=SHOP&subject=shop.{aggregatetype}.{type}",
+            "amqp://guest@127.0.0.1:5672/prod?exchange=events",
+        ] {
+            assert_eq!(target(url).unwrap().to_string(), url);
+        }
+        assert_eq!(
+            target("amqp://guest:guest@h:5672/v?exchange=x").unwrap(),
+            target("amqp://guest:guest@h:5672/v?exchange=x").unwrap()
+        );
+        assert_eq!(
+            "amqp://guest:guest@h:5672/v?exchange=x"
+                .parse::<TargetUrl>()
+                .unwrap()
+                .to_string(),
+            "amqp://guest:***@h:5672/v?exchange=x"
+        );
+        assert!(!"nats://h:4222".parse::<TargetUrl>().unwrap().is_aws());
+    }
+
+    #[test]
+    fn refuses_bad_nats_and_amqp_urls_with_the_reason() {
+        for (url, says) in [
+            ("nats://", "names no host"),
+            ("nats://h:99999", "port `99999`"),
+            ("nats://h:4222/OUTBOX", "?stream=NAME"),
+            ("nats://h:4222?stream=a.b", "stream `a.b`"),
+            ("nats://h:4222?stream=", "stream ``"),
+            (
+                "nats://h:4222?subject=events.>",
+                "subject template `events.>`",
+            ),
+            ("nats://h:4222?subject=events.{id}", "unknown placeholder"),
+            ("nats://h:4222?subject=a%zz", "bad %-escape"),
+            ("nats://h:4222?queue=x", "unknown option `queue=x`"),
+            ("amqp://", "names no host"),
+            ("amqp://guest:guest@:5672", "names no host"),
+            ("amqp://h:5672/a/b", "one path segment"),
+            ("amqp://h?exchange=", "exchange ``"),
+            ("amqp://h?exchange=a b", "exchange `a b`"),
+            ("amqp://h?routing=x", "unknown option `routing=x`"),
         ] {
             let err = url.parse::<TargetUrl>().unwrap_err().to_string();
             assert!(err.contains(says) && err.contains(url), "{url}: {err}");

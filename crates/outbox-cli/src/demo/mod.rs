@@ -91,6 +91,11 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
             "--cancel-rate must be between 0 and 1".into(),
         ));
     }
+    if let Some(url @ StoreUrl::Postgres { .. }) = &args.store {
+        return Err(CliError::Usage(format!(
+            "the demo runs on sqlite://FILE or dynamodb://TABLE, not {url}"
+        )));
+    }
     if let Some(StoreUrl::DynamoDb { table, shape, .. }) = &args.store {
         if *shape != DynamoShape::Stream {
             return Err(CliError::Usage(
