@@ -6,8 +6,8 @@ use std::ops::DerefMut;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use outbox_core::cloudevents::{self, Received};
-use outbox_core::{BoxError, Inbox, InvalidEvent, Seen, StoreError};
+use outbox_core::cloudevents::Received;
+use outbox_core::{BoxError, Inbox, Seen, StoreError};
 
 use crate::error::NatsError;
 
@@ -89,18 +89,9 @@ impl<I: Inbox> InboxConsumer<I> {
         FF: Future<Output = Result<(), E>>,
         E: Into<BoxError>,
     {
-        let text = std::str::from_utf8(body)
-            .map_err(|e| InvalidEvent::new("body", format!("not UTF-8: {e}")))?;
-        let received = cloudevents::from_json(text)?;
-        let mut tx = begin().await?;
-        let seen = self
-            .inbox
-            .record(&mut *tx, &self.name, received.event.id)
-            .await?;
-        apply(tx, received, seen)
+        outbox_core::inbox::apply_once(&self.inbox, &self.name, body, begin, apply)
             .await
-            .map_err(|e| NatsError::Handler(e.into()))?;
-        Ok(seen)
+            .map_err(Into::into)
     }
 
     /// Applies a JetStream message once (see the type's docs) and answers

@@ -74,3 +74,16 @@ impl NatsError {
         }
     }
 }
+
+impl From<outbox_core::inbox::ApplyError> for NatsError {
+    fn from(e: outbox_core::inbox::ApplyError) -> Self {
+        use outbox_core::inbox::ApplyError;
+        match e {
+            ApplyError::NotAnEvent(e) => NatsError::Malformed(e),
+            ApplyError::Store(e) => NatsError::Inbox(e),
+            ApplyError::Handler(e) => NatsError::Handler(e),
+            // A kind added later: the consumer's message comes again.
+            other => NatsError::Handler(Box::new(other)),
+        }
+    }
+}

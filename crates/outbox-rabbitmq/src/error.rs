@@ -66,3 +66,16 @@ impl RabbitError {
         }
     }
 }
+
+impl From<outbox_core::inbox::ApplyError> for RabbitError {
+    fn from(e: outbox_core::inbox::ApplyError) -> Self {
+        use outbox_core::inbox::ApplyError;
+        match e {
+            ApplyError::NotAnEvent(e) => RabbitError::Malformed(e),
+            ApplyError::Store(e) => RabbitError::Inbox(e),
+            ApplyError::Handler(e) => RabbitError::Handler(e),
+            // A kind added later: the consumer's message comes again.
+            other => RabbitError::Handler(Box::new(other)),
+        }
+    }
+}
