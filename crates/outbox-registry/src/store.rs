@@ -378,35 +378,22 @@ impl ClaimSource for Store {
         lease: LeaseId,
         settlements: Settlements<StoreReceipt>,
     ) -> Result<u64, StoreError> {
+        // Each store settles the receipts of its own kind (a foreign one is
+        // an error, see `unwrap`).
+        macro_rules! settle_as {
+            ($store:expr, $kind:ident) => {{
+                let mine = unwrap(settlements, |r| match r {
+                    StoreReceipt::$kind(r) => Some(r),
+                    _ => None,
+                })?;
+                $store.settle(lease, mine).await
+            }};
+        }
         match self {
-            Store::Sqlite(s) => {
-                let mine = unwrap(settlements, |r| match r {
-                    StoreReceipt::Sqlite(r) => Some(r),
-                    _ => None,
-                })?;
-                s.settle(lease, mine).await
-            }
-            Store::DynamoStream(s) => {
-                let mine = unwrap(settlements, |r| match r {
-                    StoreReceipt::DynamoStream(r) => Some(r),
-                    _ => None,
-                })?;
-                s.settle(lease, mine).await
-            }
-            Store::DynamoPolling(s) => {
-                let mine = unwrap(settlements, |r| match r {
-                    StoreReceipt::DynamoPolling(r) => Some(r),
-                    _ => None,
-                })?;
-                s.settle(lease, mine).await
-            }
-            Store::Postgres(s) => {
-                let mine = unwrap(settlements, |r| match r {
-                    StoreReceipt::Postgres(r) => Some(r),
-                    _ => None,
-                })?;
-                s.settle(lease, mine).await
-            }
+            Store::Sqlite(s) => settle_as!(s, Sqlite),
+            Store::DynamoStream(s) => settle_as!(s, DynamoStream),
+            Store::DynamoPolling(s) => settle_as!(s, DynamoPolling),
+            Store::Postgres(s) => settle_as!(s, Postgres),
         }
     }
 
