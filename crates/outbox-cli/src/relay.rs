@@ -1,11 +1,13 @@
 //! `outbox relay`: the long-running relay process.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Args;
-use outbox_core::{time, Relay, RelayConfig};
+use outbox_core::{time, ClaimSource, Publisher, Relay, RelayConfig, Stats};
 
+use crate::endpoint::{self, Shared};
 use crate::target::{open_existing, open_target, StoreUrl, TargetUrl};
 use crate::{shutdown_signal, CliError};
 
@@ -39,10 +41,21 @@ pub struct RelayArgs {
     /// Publish what is due, then exit (for schedulers such as cron).
     #[arg(long)]
     once: bool,
+    /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at
+    /// this address (such as 127.0.0.1:9187 or 0.0.0.0:9187).
+    #[arg(long, conflicts_with = "once")]
+    metrics_addr: Option<SocketAddr>,
+    /// How often the store's figures (pending count, oldest pending age,
+    /// dead letters) are read for the metrics endpoint; each read is one or
+    /// a few queries at the store.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    stats_every: Duration,
 }
 
 /// How often a running relay logs its totals.
 const REPORT_EVERY: Duration = Duration::from_secs(30);
+/// Reading the store's figures more often would load it for nothing.
+const MIN_STATS_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(args: RelayArgs) -> Result<(), CliError> {
     // Absurd durations are refused by the flag the user gave, before
@@ -51,6 +64,7 @@ pub async fn run(args: RelayArgs) -> Result<(), CliError> {
         ("--lease", args.lease, time::MAX_LEASE),
         ("--poll", args.poll, time::MAX_WAIT),
         ("--publish-timeout", args.publish_timeout, time::MAX_WAIT),
+        ("--stats-every", args.stats_every, time::MAX_WAIT),
     ] {
         time::check_at_most(flag, value, max).map_err(CliError::Usage)?;
     }
@@ -61,6 +75,16 @@ pub async fn run(args: RelayArgs) -> Result<(), CliError> {
         .lease(args.lease)
         .publish_timeout(args.publish_timeout);
     config.validate()?;
+    if args.stats_every < MIN_STATS_EVERY {
+        return Err(CliError::Usage(format!(
+            "--stats-every must be at least {MIN_STATS_EVERY:?}: each read queries the store"
+        )));
+    }
+    // A taken port fails the start, before anything is published.
+    let listener = match args.metrics_addr {
+        Some(addr) => Some(endpoint::bind(addr).await?),
+        None => None,
+    };
     // What can be known at start fails the start: no region, no
     // credentials, a bus or queue that does not exist, a missing store.
     let publisher = open_target(&args.to, &args.source).await?;
@@ -76,27 +100,24 @@ pub async fn run(args: RelayArgs) -> Result<(), CliError> {
         }
         drained?
     } else {
-        let totals = async {
-            let mut every = tokio::time::interval(REPORT_EVERY);
-            every.tick().await;
-            loop {
-                every.tick().await;
-                let outage = relay.outage();
-                tracing::info!(
-                    published = m.published.load(Ordering::Relaxed),
-                    retried = m.retried.load(Ordering::Relaxed),
-                    dead_lettered = m.dead_lettered.load(Ordering::Relaxed),
-                    deferred = m.deferred.load(Ordering::Relaxed),
-                    store_errors = m.store_errors.load(Ordering::Relaxed),
-                    target_down_since = outage.as_ref().map(|o| o.since.to_rfc3339()),
-                    "relay totals"
-                );
+        let shared = Shared::new(relay.metrics());
+        let serve = async {
+            match listener {
+                Some(listener) => {
+                    if let Ok(addr) = listener.local_addr() {
+                        tracing::info!(%addr, "metrics endpoint: /metrics, /healthz, /readyz");
+                    }
+                    match endpoint::serve(listener, shared.clone()).await {}
+                }
+                None => std::future::pending().await,
             }
         };
+        let watch = watch(&relay, &shared, args.metrics_addr.map(|_| args.stats_every));
         // `run` hands the source back when it stops.
         tokio::select! {
             report = relay.run(shutdown_signal()) => report?,
-            never = totals => never,
+            never = serve => never,
+            never = watch => match never {},
         }
     };
     eprintln!(
@@ -124,4 +145,57 @@ pub async fn run(args: RelayArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Follows the running relay: the target's outage and, when `stats_every`
+/// is set, the store's figures for the endpoint; logs totals now and then.
+async fn watch<S, P>(
+    relay: &Relay<S, P>,
+    shared: &Shared,
+    stats_every: Option<Duration>,
+) -> std::convert::Infallible
+where
+    S: ClaimSource + Stats,
+    P: Publisher,
+{
+    let m = relay.metrics();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = tokio::time::Instant::now();
+    let mut next_stats = started;
+    let mut next_report = time::instant_after(started, REPORT_EVERY);
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let outage = relay.outage();
+        shared.update(|h| h.outage(outage.as_ref().map(|o| (o.since, o.last_error.clone()))));
+        if let Some(every) = stats_every {
+            if now >= next_stats {
+                // A store slower than the interval counts as unavailable.
+                let read = match tokio::time::timeout(every, relay.source().stats()).await {
+                    Ok(Ok(stats)) => Ok(stats),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {every:?}")),
+                };
+                if let Err(e) = &read {
+                    tracing::warn!(error = %e, "relay: cannot read the store's figures");
+                }
+                shared.update(|h| h.stats_read(read));
+                next_stats = time::instant_after(tokio::time::Instant::now(), every);
+            }
+        }
+        if now >= next_report {
+            tracing::info!(
+                published = m.published.load(Ordering::Relaxed),
+                retried = m.retried.load(Ordering::Relaxed),
+                failed = m.failed.load(Ordering::Relaxed),
+                dead_lettered = m.dead_lettered.load(Ordering::Relaxed),
+                deferred = m.deferred.load(Ordering::Relaxed),
+                store_errors = m.store_errors.load(Ordering::Relaxed),
+                target_down_since = outage.as_ref().map(|o| o.since.to_rfc3339()),
+                "relay totals"
+            );
+            next_report = time::instant_after(now, REPORT_EVERY);
+        }
+    }
 }

@@ -4,6 +4,7 @@ pub mod cloudevents;
 pub mod error;
 pub mod event;
 pub mod inbox;
+pub mod metrics;
 pub mod publish;
 pub mod publishers;
 pub mod relay;

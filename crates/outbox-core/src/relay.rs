@@ -23,7 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -156,24 +156,7 @@ impl RelayConfig {
     }
 }
 
-/// Running totals of one relay, readable while it runs.
-#[derive(Debug, Default)]
-#[non_exhaustive]
-pub struct RelayMetrics {
-    pub batches: AtomicU64,
-    pub claimed: AtomicU64,
-    pub published: AtomicU64,
-    pub retried: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    /// Entries that could not be read, dead-lettered (also in `dead_lettered`).
-    pub malformed: AtomicU64,
-    pub released: AtomicU64,
-    /// Events put back because the target as a whole was down.
-    pub deferred: AtomicU64,
-    /// Outages of the target seen (each counted once, when it began).
-    pub outages: AtomicU64,
-    pub store_errors: AtomicU64,
-}
+pub use crate::metrics::RelayMetrics;
 
 /// What one or more claim-publish-settle cycles did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -418,7 +401,9 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         }
         let claimed = self.source.claim(request).await.inspect_err(|_| {
             self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-        })?;
+        });
+        self.metrics.claim_seconds.observe(started.elapsed());
+        let claimed = claimed?;
         let count = claimed.len();
         if count == 0 {
             return Ok(BatchReport {
@@ -496,8 +481,17 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 };
                 let failed = !matches!(outcome, Outcome::Sent(Ok(())));
                 lanes.answered(lane, failed);
+                if matches!(outcome, Outcome::Sent(Err(_))) {
+                    self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                }
                 match outcome {
-                    Outcome::Sent(Ok(())) => settlements.published.push(receipt),
+                    Outcome::Sent(Ok(())) => {
+                        let waited = (Utc::now() - event.occurred_at)
+                            .to_std()
+                            .unwrap_or_default();
+                        self.metrics.commit_to_publish_seconds.observe(waited);
+                        settlements.published.push(receipt);
+                    }
                     Outcome::Cut => {
                         // The deadline came first: not a failure of anything.
                         deadline_hit = true;
@@ -543,7 +537,9 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             .await
             .inspect_err(|_| {
                 m.store_errors.fetch_add(1, Ordering::Relaxed);
-            })?;
+            });
+        m.settle_seconds.observe(published_at.elapsed());
+        let applied = applied?;
         if applied < count as u64 {
             // Another relay took over after our lease ran out; it will publish
             // these again, which consumers absorb as duplicates.
@@ -678,7 +674,9 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         }
         let timeout = self.config.publish_timeout;
         let call = self.publisher.publish(PublishRequest::new(events));
-        let mut results = match tokio::time::timeout(timeout.min(left), call).await {
+        let answer = tokio::time::timeout(timeout.min(left), call).await;
+        self.metrics.publish_seconds.observe(now.elapsed());
+        let mut results = match answer {
             Ok(results) => results,
             Err(_) if left < timeout => return events.iter().map(|_| Outcome::Cut).collect(),
             Err(_) => vec![

@@ -2,8 +2,11 @@
 //! measuring the store alone:
 //!
 //! ```text
-//! cargo run --release -p outbox-postgres --example drain_bench -- [EVENTS] [AGGREGATES] [RELAYS]
+//! cargo run --release -p outbox-postgres --example drain_bench -- [EVENTS] [AGGREGATES] [RELAYS] [sync]
 //! ```
+//!
+//! With `sync`, settlements wait for their disk flush
+//! (`PostgresOutbox::synchronous_settlements`).
 //!
 //! Uses `OUTBOX_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`)
 //! and a schema of its own, dropped at the end.
@@ -22,6 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let events: usize = args.next().map_or(Ok(100_000), |a| a.parse())?;
     let aggregates: usize = args.next().map_or(Ok(10_000), |a| a.parse())?;
     let relays: usize = args.next().map_or(Ok(1), |a| a.parse())?;
+    let synchronous = args.next().is_some_and(|a| a == "sync");
     let url = std::env::var("OUTBOX_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
@@ -73,7 +77,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .connect(&url)
                 .await?,
         )
-        .schema(&schema)?;
+        .schema(&schema)?
+        .synchronous_settlements(synchronous);
         let relay = Relay::new(store, NullPublisher, RelayConfig::default().batch_size(500))?;
         tasks.push(tokio::spawn(async move {
             // Several relays: each drains until nothing is claimable, then
@@ -95,8 +100,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed();
     let stats = outbox.stats().await?;
     println!(
-        "drained {} events with {relays} relay(s) in {elapsed:?}: {:.0} events/s (pending {}, dead {})",
+        "drained {} events with {relays} relay(s){} in {elapsed:?}: {:.0} events/s (pending {}, dead {})",
         stats.published,
+        if synchronous {
+            ", synchronous settlements"
+        } else {
+            ""
+        },
         stats.published as f64 / elapsed.as_secs_f64(),
         stats.pending,
         stats.dead

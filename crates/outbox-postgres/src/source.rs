@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use chrono::{DateTime, Utc};
 use outbox_core::{
     time, ClaimRequest, ClaimSource, Claimed, ClaimedEvent, DeadLetterPolicy, LeaseId, Malformed,
@@ -13,6 +15,28 @@ use sqlx::postgres::PgListener;
 use crate::error::map;
 use crate::rows;
 use crate::PostgresOutbox;
+
+/// How long a relay that found events keeps polling instead of sleeping.
+const LINGER: Duration = Duration::from_millis(50);
+/// The poll interval meanwhile.
+const POLL: Duration = Duration::from_millis(1);
+/// How long a relay keeps polling after setting `armed`: commits that read
+/// it just before land within this (their disk flush), unnotified.
+const ARMING_MARGIN: Duration = Duration::from_millis(20);
+
+/// How the relays of one process wait for events. A relay that found
+/// events in the last `LINGER` polls every `POLL` (appends do not notify
+/// it: notifying commits wait for each other). Then it sets the schema's
+/// `armed` flag, polls for `ARMING_MARGIN` more, and sleeps until a
+/// notification or `idle_poll`. A claim that finds events (any relay's)
+/// clears the flag.
+#[derive(Debug, Default)]
+pub(crate) struct Waiting {
+    /// When a claim last found events.
+    found_at: Option<Instant>,
+    /// When this process set `armed`, if it believes it set.
+    armed_at: Option<Instant>,
+}
 
 /// Settlement kinds, as `outbox_settle` reads them.
 const PUBLISHED: i16 = 1;
@@ -29,10 +53,10 @@ impl ClaimSource for PostgresOutbox {
         let lease = LeaseId::new();
         let now = Utc::now();
         let cutoff = request.due_cutoff(now);
-        // One statement, one round trip: see `outbox_claim` in the migrations.
+        // One statement, one round trip: see `outbox_claim_v3` in the migrations.
         let found = sqlx::query(
             self.schema
-                .sql("SELECT * FROM {schema}.outbox_claim($1, $2::uuid, $3, $4, $5, $6)"),
+                .sql("SELECT * FROM {schema}.outbox_claim_v3($1, $2::uuid, $3, $4, $5, $6)"),
         )
         .bind(i32::try_from(request.limit).unwrap_or(i32::MAX))
         .bind(lease.to_string())
@@ -46,6 +70,7 @@ impl ClaimSource for PostgresOutbox {
         if found.is_empty() {
             return Ok(Claimed::empty(lease).with_next_due(self.next_due(cutoff).await?));
         }
+        self.found_events();
         let mut events = Vec::with_capacity(found.len());
         let mut malformed = Vec::new();
         for row in &found {
@@ -75,9 +100,6 @@ impl ClaimSource for PostgresOutbox {
         let mut kinds = Vec::with_capacity(n);
         let mut ats: Vec<DateTime<Utc>> = Vec::with_capacity(n);
         let mut errors: Vec<String> = Vec::with_capacity(n);
-        // Settlements that hold an aggregate back must not interleave with a
-        // claim (see `outbox_claim`); publishing and releasing need no lock.
-        let lock = !(s.retry.is_empty() && s.dead.is_empty() && s.deferred.is_empty());
         let mut push = |p: i64, kind: i16, at: DateTime<Utc>, error: String| {
             positions.push(p);
             kinds.push(kind);
@@ -101,14 +123,14 @@ impl ClaimSource for PostgresOutbox {
         }
         let applied: i64 = sqlx::query_scalar(
             self.schema
-                .sql("SELECT {schema}.outbox_settle($1::uuid, $2, $3, $4, $5, $6)"),
+                .sql("SELECT {schema}.outbox_settle_v3($1::uuid, $2, $3, $4, $5, $6)"),
         )
         .bind(lease.to_string())
         .bind(positions)
         .bind(kinds)
         .bind(ats)
         .bind(errors)
-        .bind(lock)
+        .bind(self.synchronous_settlements)
         .fetch_one(&self.pool)
         .await
         .map_err(map)?;
@@ -120,23 +142,62 @@ impl ClaimSource for PostgresOutbox {
             tokio::time::sleep(max_wait).await;
             return;
         }
-        let started = tokio::time::Instant::now();
-        let woke = tokio::time::timeout(max_wait, self.notified()).await;
-        if let Ok(Err(e)) = woke {
-            // No notifications for now: poll for the rest of the wait.
-            tracing::debug!(error = %e, "outbox-postgres: LISTEN failed; polling");
-            tokio::time::sleep(max_wait.saturating_sub(started.elapsed())).await;
+        let now = Instant::now();
+        let (found_at, armed_at) = match self.waiting.lock() {
+            Ok(w) => (w.found_at, w.armed_at),
+            Err(_) => (None, None),
+        };
+        if found_at.is_some_and(|at| now.duration_since(at) < LINGER) {
+            tokio::time::sleep(POLL.min(max_wait)).await;
+            return;
+        }
+        match armed_at {
+            None => {
+                // Listen first, so no notification sent once armed is missed.
+                if let Err(e) = self.listening().await {
+                    tracing::debug!(error = %e, "outbox-postgres: LISTEN failed; polling");
+                    tokio::time::sleep(max_wait).await;
+                    return;
+                }
+                if let Err(e) = self.set_armed(true).await {
+                    tracing::debug!(error = %e, "outbox-postgres: cannot arm the wake-up; polling");
+                    tokio::time::sleep(max_wait).await;
+                    return;
+                }
+                tokio::time::sleep(POLL.min(max_wait)).await;
+            }
+            Some(at) if now.duration_since(at) < ARMING_MARGIN => {
+                tokio::time::sleep(POLL.min(max_wait)).await;
+            }
+            Some(_) => {
+                let started = Instant::now();
+                match tokio::time::timeout(max_wait, self.notified()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        // No notifications for now: poll for the rest of the wait.
+                        tracing::debug!(error = %e, "outbox-postgres: LISTEN failed; polling");
+                        tokio::time::sleep(max_wait.saturating_sub(started.elapsed())).await;
+                    }
+                    Err(_) => {
+                        // Nothing came: set the flag again, in case a relay
+                        // of another process cleared it and then stopped.
+                        let _ = self.set_armed(true).await;
+                    }
+                }
+            }
         }
     }
 }
 
 impl PostgresOutbox {
-    /// When the next held pending event comes due, for a claim that found
-    /// nothing.
+    /// When the next held event comes due (a backoff ends or a lease
+    /// expires), for a claim that found nothing.
     async fn next_due(&self, cutoff: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, StoreError> {
         sqlx::query_scalar(self.schema.sql(
-            "SELECT min(next_attempt_at) FROM {schema}.outbox
-             WHERE status = 'pending' AND next_attempt_at > $1",
+            "SELECT least(
+                (SELECT min(next_attempt_at) FROM {schema}.outbox_queue
+                 WHERE (next_attempt_at IS NOT NULL OR dead) AND NOT dead AND next_attempt_at > $1),
+                (SELECT min(expires_at) FROM {schema}.outbox_leases))",
         ))
         .bind(cutoff)
         .fetch_one(&self.pool)
@@ -144,16 +205,49 @@ impl PostgresOutbox {
         .map_err(map)
     }
 
-    /// Waits for one commit notification on the outbox's channel. The
-    /// listening connection is kept between waits, so a notification that
-    /// arrives between two waits is not missed: it ends the next one.
-    async fn notified(&self) -> Result<(), StoreError> {
+    /// A claim found events (and cleared `armed` in the same statement):
+    /// the relays are busy, appends need not notify.
+    fn found_events(&self) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.found_at = Some(Instant::now());
+            w.armed_at = None;
+        }
+    }
+
+    /// Sets or clears the schema's `armed` flag (an unlogged row: no disk
+    /// flush), and notes it.
+    async fn set_armed(&self, armed: bool) -> Result<(), StoreError> {
+        sqlx::query(
+            self.schema
+                .sql("UPDATE {schema}.outbox_wake SET armed = $1"),
+        )
+        .bind(armed)
+        .execute(&self.pool)
+        .await
+        .map_err(map)?;
+        if let Ok(mut w) = self.waiting.lock() {
+            w.armed_at = armed.then(Instant::now);
+        }
+        Ok(())
+    }
+
+    /// Makes the listening connection if there is none.
+    async fn listening(&self) -> Result<(), StoreError> {
         let mut slot = self.listener.lock().await;
         if slot.is_none() {
             let mut listener = PgListener::connect_with(&self.pool).await.map_err(map)?;
             listener.listen(&self.schema.channel()).await.map_err(map)?;
             *slot = Some(listener);
         }
+        Ok(())
+    }
+
+    /// Waits for one commit notification on the outbox's channel. The
+    /// listening connection is kept between waits, so a notification that
+    /// arrives between two waits is not missed: it ends the next one.
+    async fn notified(&self) -> Result<(), StoreError> {
+        self.listening().await?;
+        let mut slot = self.listener.lock().await;
         let Some(listener) = slot.as_mut() else {
             return Ok(());
         };

@@ -100,6 +100,7 @@ impl StoreUrl {
             url,
             schema,
             dead_letters,
+            listen,
         } = self
         else {
             return Err(RegistryError::Unsupported {
@@ -112,7 +113,8 @@ impl StoreUrl {
             .map_err(store_error)?
             .schema(schema)
             .map_err(store_error)?
-            .dead_letter_policy(*dead_letters))
+            .dead_letter_policy(*dead_letters)
+            .listen(*listen))
     }
 
     /// Fails clearly, pointing to `outbox migrate`, when the schema's tables

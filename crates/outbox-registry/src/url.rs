@@ -33,6 +33,9 @@ pub enum StoreUrl {
         url: String,
         schema: String,
         dead_letters: DeadLetterPolicy,
+        /// Wake relays by LISTEN/NOTIFY (`listen=false` behind a pooler in
+        /// transaction mode, which cannot keep a listening session).
+        listen: bool,
     },
 }
 
@@ -183,6 +186,7 @@ fn parse_postgres(url: &str, rest: &str) -> Result<StoreUrl, RegistryError> {
     }
     let mut schema = DEFAULT_POSTGRES_SCHEMA.to_owned();
     let mut dead_letters = DeadLetterPolicy::default();
+    let mut listen = true;
     let mut driver = Vec::new();
     for option in query.split('&').filter(|o| !o.is_empty()) {
         match option.split_once('=') {
@@ -199,13 +203,21 @@ fn parse_postgres(url: &str, rest: &str) -> Result<StoreUrl, RegistryError> {
                 }
             }
             Some(("dead_letters", value)) => dead_letters = parse_policy(url, value)?,
+            Some(("listen", "true")) => listen = true,
+            Some(("listen", "false")) => listen = false,
+            Some(("listen", other)) => {
+                return Err(invalid(
+                    url,
+                    format!("listen={other}: expected listen=true or listen=false"),
+                ))
+            }
             Some((key, _)) if POSTGRES_DRIVER_OPTIONS.contains(&key) => driver.push(option),
             _ => {
                 return Err(invalid(
                     url,
                     format!(
                         "unknown option `{option}`; known options: schema=NAME, \
-                         dead_letters=continue|park, {}",
+                         dead_letters=continue|park, listen=true|false, {}",
                         POSTGRES_DRIVER_OPTIONS.join(", ")
                     ),
                 ))
@@ -221,6 +233,7 @@ fn parse_postgres(url: &str, rest: &str) -> Result<StoreUrl, RegistryError> {
         url: connect,
         schema,
         dead_letters,
+        listen,
     })
 }
 
@@ -347,12 +360,20 @@ impl fmt::Display for StoreUrl {
                     options.push("shape=polling".to_owned());
                 }
             }
-            StoreUrl::Postgres { url, schema, .. } => {
+            StoreUrl::Postgres {
+                url,
+                schema,
+                listen,
+                ..
+            } => {
                 // The driver's options already follow a `?`.
                 let (base, driver) = url.split_once('?').unwrap_or((url, ""));
                 f.write_str(&redact(base))?;
                 if schema != DEFAULT_POSTGRES_SCHEMA {
                     options.push(format!("schema={schema}"));
+                }
+                if !listen {
+                    options.push("listen=false".to_owned());
                 }
                 options.extend(
                     driver
@@ -702,6 +723,7 @@ mod tests {
                 url: "postgres://postgres@127.0.0.1:5432/test".into(),
                 schema: "outbox".into(),
                 dead_letters: DeadLetterPolicy::Continue,
+                listen: true,
             })
         );
         assert_eq!(
@@ -710,12 +732,23 @@ mod tests {
                 url: "postgres://app@db:5432/shop?sslmode=require".into(),
                 schema: "orders_outbox".into(),
                 dead_letters: DeadLetterPolicy::Park,
+                listen: true,
+            })
+        );
+        assert_eq!(
+            store("postgres://app@pgbouncer:6432/shop?listen=false"),
+            Ok(StoreUrl::Postgres {
+                url: "postgres://app@pgbouncer:6432/shop".into(),
+                schema: "outbox".into(),
+                dead_letters: DeadLetterPolicy::Continue,
+                listen: false,
             })
         );
         for url in [
             "postgres://postgres@127.0.0.1:5432/test",
             "postgresql://app@db/shop?schema=orders&dead_letters=park",
             "postgres://app@db:5432/shop?schema=orders&sslmode=require",
+            "postgres://app@db:5432/shop?schema=orders&listen=false&sslmode=require",
         ] {
             assert_eq!(store(url).unwrap().to_string(), url);
         }
@@ -740,6 +773,10 @@ mod tests {
                 "unknown option `shape=polling`",
             ),
             ("postgres://h/db?dead_letters=drop", "dead_letters=drop"),
+            (
+                "postgres://h/db?listen=no",
+                "expected listen=true or listen=false",
+            ),
         ] {
             let err = store(url).unwrap_err();
             assert!(err.contains(says) && err.contains(url), "{url}: {err}");

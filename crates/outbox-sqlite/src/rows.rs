@@ -132,8 +132,17 @@ fn decode_row(raw: &RawValue) -> Result<Result<StoredEvent, BadRow>, StoreError>
         },
         Err(_) => String::new(),
     };
-    // Something is off: name it, column by column.
-    let cells: Vec<Value> = serde_json::from_str(raw.get()).map_err(corrupt)?;
+    // Something is off: name it, column by column. A cell JSON numbers
+    // cannot hold (SQLite writes an infinite REAL as `9.0e+999`) is kept
+    // as its text, so only its row is refused.
+    let cells: Vec<Value> = serde_json::from_str::<Vec<&RawValue>>(raw.get())
+        .map_err(corrupt)?
+        .into_iter()
+        .map(|cell| {
+            serde_json::from_str(cell.get())
+                .unwrap_or_else(|_| Value::String(cell.get().to_owned()))
+        })
+        .collect();
     let position = cells
         .first()
         .and_then(Value::as_i64)

@@ -66,21 +66,26 @@ impl ClaimSource for SqliteOutbox {
         let mut tx = self.begin().await?;
         let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
         let written_before = request.written_before.map(|at| at.timestamp_millis());
-        let mut json = Err(sqlx::Error::RowNotFound);
-        for sql in [fast, safe] {
-            json = sqlx::query_scalar(sql)
+        let mut rows = Ok(Vec::new());
+        for (sql, last) in [(fast, false), (safe, true)] {
+            let json: Result<String, _> = sqlx::query_scalar(sql)
                 .bind(cutoff)
                 .bind(limit)
                 .bind(written_before)
                 .fetch_one(&mut *tx)
                 .await;
-            // Only a cell JSON cannot hold (a BLOB) makes the fast read fail.
-            if !json.as_ref().is_err_and(is_json_error) {
+            // Only a cell JSON cannot hold (a BLOB) makes the fast read
+            // fail, or (a BLOB SQLite took as JSONB) give text that is not JSON.
+            match json {
+                Err(e) if !last && is_json_error(&e) => continue,
+                Err(e) => return Err(map(e)),
+                Ok(json) => rows = rows::decode(&json),
+            }
+            if rows.is_ok() {
                 break;
             }
         }
-        let json: String = json.map_err(map)?;
-        let rows = rows::decode(&json)?;
+        let rows = rows?;
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(Claimed::empty(lease));
@@ -219,7 +224,10 @@ macro_rules! parked {
 }
 use parked;
 
-/// SQLite's refusal to put a cell into JSON (a BLOB in a text column).
+/// SQLite's refusal to put a cell into JSON (a BLOB in a text column), or
+/// a BLOB it took as JSONB and copied into the text as bytes that are not
+/// UTF-8.
 fn is_json_error(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.message().contains("JSON"))
+        || matches!(e, sqlx::Error::ColumnDecode { .. })
 }

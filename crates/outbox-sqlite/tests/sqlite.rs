@@ -176,6 +176,87 @@ async fn every_kind_of_malformed_row_is_refused_alone_with_its_reason() {
     assert_eq!((stats.pending, stats.dead, stats.published), (0, 7, 1));
 }
 
+/// An infinite REAL (SQLite's JSON writes it as `9.0e+999`, out of range
+/// for JSON numbers) in an integer column spoils only its own row.
+#[tokio::test]
+async fn an_infinite_number_is_refused_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir).await;
+    let mut tx = outbox.begin().await.unwrap();
+    let events = [
+        order_event("infinite", 1, "OrderCreated"),
+        order_event("fine", 1, "OrderCreated"),
+    ];
+    outbox.append(&mut tx, &events).await.unwrap();
+    outbox.commit(tx).await.unwrap();
+    sqlx::query("UPDATE outbox SET aggregate_version = 1e999 WHERE aggregate_id = 'infinite'")
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+
+    let claimed = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("one odd row does not fail the claim");
+    let ids: Vec<&str> = claimed
+        .events
+        .iter()
+        .map(|c| c.event.aggregate_id.as_str())
+        .collect();
+    assert_eq!(ids, vec!["fine"]);
+    assert_eq!(claimed.malformed.len(), 1);
+    assert!(
+        claimed.malformed[0]
+            .reason
+            .contains("aggregate_version holds"),
+        "{:?}",
+        claimed.malformed
+    );
+}
+
+/// A BLOB that SQLite reads as JSONB holding bytes that are not UTF-8
+/// spoils only its own row.
+#[tokio::test]
+async fn a_blob_read_as_jsonb_is_refused_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir).await;
+    let mut tx = outbox.begin().await.unwrap();
+    let events = [
+        order_event("jsonb", 1, "OrderCreated"),
+        order_event("fine", 1, "OrderCreated"),
+    ];
+    outbox.append(&mut tx, &events).await.unwrap();
+    outbox.commit(tx).await.unwrap();
+    sqlx::query("UPDATE outbox SET occurred_at = X'45824920E9' WHERE aggregate_id = 'jsonb'")
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+    // And one SQLite copies into the batch's JSON as text that is not JSON.
+    sqlx::query("UPDATE outbox SET traceparent = X'230819' WHERE aggregate_id = 'jsonb'")
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+
+    let claimed = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("one odd row does not fail the claim");
+    let ids: Vec<&str> = claimed
+        .events
+        .iter()
+        .map(|c| c.event.aggregate_id.as_str())
+        .collect();
+    assert_eq!(ids, vec!["fine"]);
+    assert_eq!(claimed.malformed.len(), 1);
+    assert!(
+        claimed.malformed[0]
+            .reason
+            .contains("occurred_at holds a BLOB"),
+        "{:?}",
+        claimed.malformed
+    );
+}
+
 /// A second write transaction begun while the first is open gets an error
 /// after the busy timeout instead of waiting forever.
 #[tokio::test]

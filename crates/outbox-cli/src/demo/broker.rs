@@ -1,8 +1,11 @@
-//! How events reach the demo's Shipping service: the in-process broker, or
-//! EventBridge with a rule into an SQS queue (seed 001's shape).
+//! How events reach the demo's Shipping service: the in-process broker,
+//! EventBridge with a rule into an SQS queue (seed 001's shape), a JetStream
+//! pull consumer, or a RabbitMQ queue bound to the exchange.
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_core::publishers::{MemoryPublisher, MemorySubscriber};
@@ -17,12 +20,30 @@ use crate::CliError;
 pub struct Delivery {
     pub id: String,
     pub event: Result<Event, String>,
-    /// What acknowledging the message needs (an SQS receipt handle).
-    receipt: Option<String>,
+    /// What acknowledging the message needs.
+    receipt: Receipt,
+}
+
+/// How a delivery is acknowledged.
+#[derive(Debug)]
+enum Receipt {
+    /// Nothing to acknowledge (the in-process broker).
+    None,
+    /// An SQS receipt handle: the message is deleted.
+    Sqs(String),
+    /// A JetStream message: acked.
+    Nats(Box<outbox_nats::async_nats::jetstream::Message>),
+    /// A RabbitMQ delivery tag: acked on the consumer's channel.
+    Rabbit(u64),
 }
 
 /// Counts what the broker has sent so far, where it can tell.
 pub type SentProbe = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Asks the broker how many messages it still holds for the consumer
+/// (waiting, or handed out and not acknowledged).
+pub type BacklogProbe =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>> + Send + Sync>;
 
 /// A stream of deliveries for the Shipping service.
 pub trait Deliveries: Send + 'static {
@@ -39,6 +60,12 @@ pub trait Deliveries: Send + 'static {
     /// How many messages the broker has sent, if it knows: the demo waits
     /// until the consumer has seen as many.
     fn in_flight_probe(&self) -> Option<SentProbe>;
+
+    /// How many messages the broker still holds for the consumer, if it can
+    /// tell: the demo waits until none, and the consumer found nothing more.
+    fn backlog_probe(&self) -> Option<BacklogProbe> {
+        None
+    }
 }
 
 /// The in-process broker.
@@ -74,7 +101,7 @@ impl Deliveries for MemoryDeliveries {
                         .map(|r| r.event)
                         .map_err(|e| e.to_string()),
                     id: d.id.to_string(),
-                    receipt: None,
+                    receipt: Receipt::None,
                 })
                 .collect(),
         ))
@@ -117,14 +144,20 @@ impl Deliveries for SqsDeliveries {
             batch.extend(got.into_iter().map(|d| Delivery {
                 id: d.message_id.clone(),
                 event: d.event.map(|r| r.event).map_err(|e| e.to_string()),
-                receipt: Some(d.receipt_handle),
+                receipt: Receipt::Sqs(d.receipt_handle),
             }));
         }
         Ok(Some(batch))
     }
 
     async fn ack(&mut self, batch: &[Delivery]) {
-        let handles: Vec<&str> = batch.iter().filter_map(|d| d.receipt.as_deref()).collect();
+        let handles: Vec<&str> = batch
+            .iter()
+            .filter_map(|d| match &d.receipt {
+                Receipt::Sqs(handle) => Some(handle.as_str()),
+                _ => None,
+            })
+            .collect();
         for chunk in handles.chunks(SQS_MAX_MESSAGES) {
             if let Err(e) = self.receiver.delete_handles(chunk).await {
                 // Not deleted means delivered again: the inbox absorbs it.
@@ -184,4 +217,275 @@ pub async fn eventbridge_to_sqs(
     let publisher = EventBridgePublisher::new(events, bus).source(source);
     let receiver = SqsReceiver::new(sqs, queue.url);
     Ok((publisher, SqsDeliveries { receiver }))
+}
+
+/// The event ids a broker handed the consumer, duplicates once.
+#[derive(Debug, Clone, Default)]
+pub struct Received {
+    ids: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Received {
+    fn note(&self, batch: &[Delivery]) {
+        if let Ok(mut ids) = self.ids.lock() {
+            for d in batch {
+                ids.insert(match &d.event {
+                    Ok(event) => event.id.to_string(),
+                    Err(_) => d.id.clone(),
+                });
+            }
+        }
+    }
+
+    /// The distinct ids received so far.
+    pub fn ids(&self) -> Vec<String> {
+        self.ids
+            .lock()
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A CloudEvent body as the consumer reads it.
+fn parse(body: &[u8]) -> Result<Event, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("not UTF-8: {e}"))?;
+    cloudevents::from_json(text)
+        .map(|r| r.event)
+        .map_err(|e| e.to_string())
+}
+
+/// How long a receive waits for a first message before it reports none.
+const RECEIVE_WAIT: Duration = Duration::from_millis(250);
+
+/// Pause after a JetStream fetch found nothing.
+const NATS_EMPTY_PAUSE: Duration = Duration::from_millis(20);
+
+/// A durable JetStream pull consumer on the demo's stream.
+#[derive(Debug)]
+pub struct NatsDeliveries {
+    consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    received: Received,
+}
+
+use outbox_nats::async_nats::jetstream;
+
+impl NatsDeliveries {
+    pub fn new(
+        consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+        received: Received,
+    ) -> Self {
+        Self { consumer, received }
+    }
+}
+
+fn nats_error(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("JetStream {what}: {e}").into())
+}
+
+impl Deliveries for NatsDeliveries {
+    async fn next(&mut self, max: usize) -> Result<Option<Vec<Delivery>>, StoreError> {
+        use futures_util::StreamExt;
+        // What is there now (the fetch does not wait); a pause when nothing is.
+        let mut messages = self
+            .consumer
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(|e| nats_error("fetch", e))?;
+        let mut batch = Vec::new();
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| nats_error("fetch", e))?;
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(outbox_nats::MSG_ID_HEADER))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            batch.push(Delivery {
+                id,
+                event: parse(&message.payload),
+                receipt: Receipt::Nats(Box::new(message)),
+            });
+        }
+        if batch.is_empty() {
+            tokio::time::sleep(NATS_EMPTY_PAUSE).await;
+        }
+        self.received.note(&batch);
+        Ok(Some(batch))
+    }
+
+    async fn ack(&mut self, batch: &[Delivery]) {
+        for delivery in batch {
+            if let Receipt::Nats(message) = &delivery.receipt {
+                // Confirmed by the server, so the backlog probe sees it; a
+                // lost ack means a redelivery, which the inbox absorbs.
+                if let Err(e) = message.double_ack().await {
+                    tracing::warn!(error = %e, "shipping: cannot ack a JetStream message");
+                }
+            }
+        }
+    }
+
+    fn in_flight_probe(&self) -> Option<SentProbe> {
+        None
+    }
+
+    fn backlog_probe(&self) -> Option<BacklogProbe> {
+        let consumer = self.consumer.clone();
+        Some(Arc::new(move || {
+            let mut consumer = consumer.clone();
+            Box::pin(async move {
+                let info = consumer
+                    .info()
+                    .await
+                    .map_err(|e| nats_error("consumer info", e))?;
+                Ok(info.num_pending + info.num_ack_pending as u64)
+            })
+        }))
+    }
+}
+
+use outbox_rabbitmq::lapin;
+
+/// A RabbitMQ queue bound to the demo's exchange, consumed with manual acks.
+pub struct RabbitDeliveries {
+    channel: lapin::Channel,
+    queue: String,
+    consumer: lapin::Consumer,
+    received: Received,
+}
+
+impl std::fmt::Debug for RabbitDeliveries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitDeliveries")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Deliveries RabbitMQ hands the consumer ahead of its acks.
+const RABBIT_PREFETCH: u16 = 200;
+
+pub fn rabbit_error(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("RabbitMQ {what}: {e}").into())
+}
+
+impl RabbitDeliveries {
+    /// Consumes `queue` on `channel` (a channel of its own).
+    pub async fn new(
+        channel: lapin::Channel,
+        queue: &str,
+        received: Received,
+    ) -> Result<Self, StoreError> {
+        use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+        channel
+            .basic_qos(RABBIT_PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(|e| rabbit_error("basic.qos", e))?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "shipping".into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map_err(|e| rabbit_error("basic.consume", e))?;
+        Ok(Self {
+            channel,
+            queue: queue.to_owned(),
+            consumer,
+            received,
+        })
+    }
+}
+
+impl Deliveries for RabbitDeliveries {
+    async fn next(&mut self, max: usize) -> Result<Option<Vec<Delivery>>, StoreError> {
+        use futures_util::{FutureExt, StreamExt};
+        let first = match tokio::time::timeout(RECEIVE_WAIT, self.consumer.next()).await {
+            Err(_) => return Ok(Some(Vec::new())),
+            Ok(None) => return Ok(None),
+            Ok(Some(d)) => d.map_err(|e| rabbit_error("delivery", e))?,
+        };
+        let mut got = vec![first];
+        // Whatever else has arrived already.
+        while got.len() < max {
+            match self.consumer.next().now_or_never() {
+                Some(Some(d)) => got.push(d.map_err(|e| rabbit_error("delivery", e))?),
+                _ => break,
+            }
+        }
+        let batch: Vec<Delivery> = got
+            .into_iter()
+            .map(|d| Delivery {
+                id: d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+                event: parse(&d.data),
+                receipt: Receipt::Rabbit(d.delivery_tag),
+            })
+            .collect();
+        self.received.note(&batch);
+        Ok(Some(batch))
+    }
+
+    async fn ack(&mut self, batch: &[Delivery]) {
+        use lapin::options::BasicAckOptions;
+        // One ack for the batch: tags grow on a channel, `multiple` covers
+        // every earlier one.
+        let last = batch
+            .iter()
+            .filter_map(|d| match d.receipt {
+                Receipt::Rabbit(tag) => Some(tag),
+                _ => None,
+            })
+            .max();
+        if let Some(tag) = last {
+            if let Err(e) = self
+                .channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await
+            {
+                tracing::warn!(error = %e, "shipping: cannot ack RabbitMQ deliveries");
+            }
+        }
+    }
+
+    fn in_flight_probe(&self) -> Option<SentProbe> {
+        None
+    }
+
+    fn backlog_probe(&self) -> Option<BacklogProbe> {
+        // Messages ready in the queue; those handed out and not yet taken
+        // by the consumer are covered by its idle check.
+        let channel = self.channel.clone();
+        let queue = self.queue.clone();
+        Some(Arc::new(move || {
+            let channel = channel.clone();
+            let queue = queue.clone();
+            Box::pin(async move { rabbit_ready(&channel, &queue).await })
+        }))
+    }
+}
+
+/// Messages waiting in `queue` (not handed out to a consumer).
+pub async fn rabbit_ready(channel: &lapin::Channel, queue: &str) -> Result<u64, StoreError> {
+    use lapin::options::QueueDeclareOptions;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .map_err(|e| rabbit_error("queue.declare (passive)", e))?;
+    Ok(u64::from(declared.message_count()))
 }

@@ -3,10 +3,14 @@
 
 mod broker;
 mod dynamodb;
+mod postgres;
+mod processes;
 mod shop;
 mod sqlite;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use futures_util::FutureExt;
 use outbox_core::publishers::memory_broker;
-use outbox_core::publishers::{Chaos, FaultyPublisher};
+use outbox_core::publishers::{Chaos, FaultyPublisher, InjectedFaults};
 use outbox_core::{EventId, Publisher, Relay, RelayConfig, RetryPolicy, Stats, StoreError};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -32,16 +36,26 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 500)]
     orders: u64,
     /// Make the broker fail at random and kill the relay mid-batch, repeatedly.
+    /// On PostgreSQL: kill relay processes with SIGKILL and restart them, and
+    /// cut their broker connection for a few seconds, repeatedly.
     #[arg(long)]
     chaos: bool,
     /// Where the services keep their data: sqlite://FILE (by default a
-    /// temporary file), or dynamodb://TABLE (DynamoDB with its stream).
+    /// temporary file), dynamodb://TABLE (DynamoDB with its stream), or
+    /// postgres://USER@HOST:PORT/DB (a schema of its own per run, dropped
+    /// afterwards, unless ?schema=NAME names one to use and keep).
     #[arg(long)]
     store: Option<StoreUrl>,
     /// The broker: memory:// (in-process) with SQLite; eventbridge://BUS with
-    /// DynamoDB, delivering through a rule into an SQS queue.
+    /// DynamoDB, delivering through a rule into an SQS queue; with PostgreSQL,
+    /// nats://HOST:PORT (a JetStream stream) or amqp://USER:PASS@HOST:PORT/VHOST
+    /// (an exchange and a queue bound to it).
     #[arg(long)]
     to: Option<TargetUrl>,
+    /// Relay processes to run (PostgreSQL only; SQLite and DynamoDB run one
+    /// relay inside the demo).
+    #[arg(long, default_value_t = 1)]
+    relays: u32,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -71,6 +85,12 @@ struct Summary {
     out_of_order: u64,
     relay_restarts: u64,
     publish_failures_injected: u64,
+    /// Relay processes run side by side (PostgreSQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relays: Option<u32>,
+    /// Times the relays' broker connection was cut and later restored (PostgreSQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_cuts: Option<u64>,
     p50_ms: f64,
     p99_ms: f64,
     elapsed_s: f64,
@@ -85,16 +105,39 @@ const DYNAMODB_DEFAULT_RATE: u64 = 20;
 /// Most deliveries the Shipping service applies in one transaction.
 const CONSUMER_BATCH: usize = 100;
 
+/// Most relay processes `--relays` starts.
+const MAX_RELAYS: u32 = 16;
+
 pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     if !(0.0..=1.0).contains(&args.cancel_rate) {
         return Err(CliError::Usage(
             "--cancel-rate must be between 0 and 1".into(),
         ));
     }
-    if let Some(url @ StoreUrl::Postgres { .. }) = &args.store {
+    if !(1..=MAX_RELAYS).contains(&args.relays) {
         return Err(CliError::Usage(format!(
-            "the demo runs on sqlite://FILE or dynamodb://TABLE, not {url}"
+            "--relays must be between 1 and {MAX_RELAYS}"
         )));
+    }
+    let on_postgres = matches!(args.store, Some(StoreUrl::Postgres { .. }));
+    if args.relays > 1 && !on_postgres {
+        return Err(CliError::Usage(
+            "--relays runs relay processes on a postgres:// store; SQLite and DynamoDB run one relay inside the demo".into(),
+        ));
+    }
+    if let Some(StoreUrl::Postgres {
+        url,
+        schema,
+        dead_letters,
+        ..
+    }) = &args.store
+    {
+        let store = postgres::PgStore {
+            url: url.clone(),
+            schema: schema.clone(),
+            dead_letters: *dead_letters,
+        };
+        return postgres::run(store, &args).await;
     }
     if let Some(StoreUrl::DynamoDb { table, shape, .. }) = &args.store {
         if *shape != DynamoShape::Stream {
@@ -114,12 +157,14 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
             };
         let shop = dynamodb::DynamoShop::open(table).await?;
         let (publisher, deliveries) = broker::eventbridge_to_sqs(&bus, table, SOURCE).await?;
-        let summary = run_with(shop, publisher, deliveries, &args).await?;
-        return report(&summary, &args, args.store.as_ref());
+        let relays = in_process_relays(shop.clone(), publisher, true, args.chaos);
+        let summary = run_with(shop, deliveries, relays, DYNAMODB_DEFAULT_RATE, &args).await?;
+        return report(&summary, &args, &kept(args.store.as_ref()));
     }
     if args.to.as_ref().is_some_and(|t| *t != TargetUrl::Memory) {
         return Err(CliError::Usage(format!(
-            "the demo on SQLite runs with the in-process broker (memory://), not {}",
+            "the demo on SQLite runs with the in-process broker (memory://), not {}; \
+             nats:// and amqp:// run with a postgres:// store",
             args.to
                 .as_ref()
                 .map(ToString::to_string)
@@ -132,17 +177,32 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     };
     let shop = sqlite::SqliteShop::new(outbox).await?;
     let (broker, subscriber) = memory_broker(SOURCE);
+    let relays = in_process_relays(shop.clone(), broker.clone(), false, args.chaos);
     let summary = run_with(
         shop,
-        broker.clone(),
         MemoryDeliveries::new(broker, subscriber),
+        relays,
+        DEFAULT_RATE,
         &args,
     )
     .await?;
-    report(&summary, &args, args.store.as_ref())
+    report(&summary, &args, &kept(args.store.as_ref()))
 }
 
-fn report(s: &Summary, args: &DemoArgs, kept: Option<&StoreUrl>) -> Result<(), CliError> {
+/// What a run leaves behind in a store the user named, one line each.
+fn kept(url: Option<&StoreUrl>) -> Vec<String> {
+    match url {
+        Some(url @ StoreUrl::Sqlite { .. }) => vec![format!(
+            "database kept at     {url} (tables orders, outbox, shipments, inbox)"
+        )],
+        Some(StoreUrl::DynamoDb { table, .. }) => vec![format!(
+            "tables kept          {table} (outbox), {table}-orders, {table}-shipments, {table}-inbox, {table}-dead-letters"
+        )],
+        _ => Vec::new(),
+    }
+}
+
+fn report(s: &Summary, args: &DemoArgs, kept: &[String]) -> Result<(), CliError> {
     println!("orders placed        {}", s.orders);
     println!("events written       {}", s.events_written);
     println!("events published     {}", s.events_published);
@@ -151,23 +211,23 @@ fn report(s: &Summary, args: &DemoArgs, kept: Option<&StoreUrl>) -> Result<(), C
     println!("dead-lettered        {}", s.dead_lettered);
     println!("lost                 {}", s.lost);
     println!("out of order         {}", s.out_of_order);
+    if let Some(relays) = s.relays {
+        println!("relay processes      {relays}");
+    }
     if args.chaos {
         println!("relay restarts       {}", s.relay_restarts);
-        println!("failures injected    {}", s.publish_failures_injected);
+        match s.broker_cuts {
+            Some(cuts) => println!("broker cuts          {cuts}"),
+            None => println!("failures injected    {}", s.publish_failures_injected),
+        }
     }
     println!(
         "commit to consumer   p50 {} ms, p99 {} ms",
         s.p50_ms, s.p99_ms
     );
     println!("elapsed              {:.2} s", s.elapsed_s);
-    match kept {
-        Some(url @ StoreUrl::Sqlite { .. }) => {
-            println!("database kept at     {url} (tables orders, outbox, shipments, inbox)")
-        }
-        Some(StoreUrl::DynamoDb { table, .. }) => println!(
-            "tables kept          {table} (outbox), {table}-orders, {table}-shipments, {table}-inbox, {table}-dead-letters"
-        ),
-        _ => {}
+    for line in kept {
+        println!("{line}");
     }
     if args.json {
         print_json(s);
@@ -194,31 +254,39 @@ struct Consumed {
     out_of_order: AtomicU64,
     gaps: AtomicU64,
     errors: AtomicU64,
+    /// The last receive found nothing waiting.
+    idle: AtomicBool,
 }
 
-async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
+/// What a run hands its relays: whether to make trouble, whether orders are
+/// still being written, where to count, and when to stop.
+struct RelayRun {
+    chaos: bool,
+    writing: Arc<AtomicBool>,
+    totals: Arc<RelayTotals>,
+    stop: watch::Receiver<bool>,
+}
+
+/// The relays of a run, running until told to stop.
+type RelayTask = Pin<Box<dyn Future<Output = Result<(), CliError>> + Send>>;
+
+/// One relay inside the demo, publishing to `broker` through the fault
+/// injector; with chaos, killed and started again at random moments.
+fn in_process_relays<S: Shop, P: Publisher + Clone + 'static>(
     shop: S,
     broker: P,
-    deliveries: D,
-    args: &DemoArgs,
-) -> Result<Summary, CliError> {
-    let started = Instant::now();
-    let in_flight = deliveries.in_flight_probe();
-    let rate = args.rate.unwrap_or(if in_flight.is_none() {
-        DYNAMODB_DEFAULT_RATE
-    } else {
-        DEFAULT_RATE
-    });
+    remote: bool,
+    chaos: bool,
+) -> impl FnOnce(RelayRun) -> RelayTask {
     // A remote broker (EventBridge) answers in tens of milliseconds, or more
     // on an emulator: wait longer for it, and leave hung calls to the
     // in-process broker, where the timeout is short enough to show them.
-    let remote = in_flight.is_none();
     let publish_timeout = if remote {
         Duration::from_secs(10)
     } else {
         Duration::from_millis(500)
     };
-    let chaos = if args.chaos {
+    let faults = if chaos {
         Chaos {
             transient_rate: 0.05,
             lost_ack_rate: 0.03,
@@ -229,7 +297,7 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
     } else {
         Chaos::default()
     };
-    let publisher = FaultyPublisher::new(broker.clone()).with_chaos(chaos);
+    let publisher = FaultyPublisher::new(broker).with_chaos(faults);
     let injected = publisher.injected();
     // Smaller batches on a remote broker: a killed relay's batch is what a
     // stream relay publishes again.
@@ -244,6 +312,20 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
             max_attempts: 25,
             ..RetryPolicy::default()
         });
+    move |run| Box::pin(supervise(shop, publisher, config, injected, run))
+}
+
+async fn run_with<S: Shop, D: Deliveries>(
+    shop: S,
+    deliveries: D,
+    start_relays: impl FnOnce(RelayRun) -> RelayTask,
+    default_rate: u64,
+    args: &DemoArgs,
+) -> Result<Summary, CliError> {
+    let started = Instant::now();
+    let in_flight = deliveries.in_flight_probe();
+    let backlog = deliveries.backlog_probe();
+    let rate = args.rate.unwrap_or(default_rate);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let consumed = Arc::new(Consumed::default());
@@ -255,15 +337,12 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
     ));
     let writing = Arc::new(AtomicBool::new(true));
     let relay_totals = Arc::new(RelayTotals::default());
-    let relays = tokio::spawn(supervise(
-        shop.clone(),
-        publisher,
-        config,
-        args.chaos,
-        writing.clone(),
-        relay_totals.clone(),
-        stop_rx,
-    ));
+    let relays = tokio::spawn(start_relays(RelayRun {
+        chaos: args.chaos,
+        writing: writing.clone(),
+        totals: relay_totals.clone(),
+        stop: stop_rx,
+    }));
     let written = Arc::new(AtomicU64::new(0));
     let orders_placed = Arc::new(AtomicU64::new(0));
     let writer = tokio::spawn(write_orders(
@@ -310,7 +389,13 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
         let drained = in_flight
             .as_ref()
             .is_none_or(|sent| consumed.deliveries.load(Ordering::Relaxed) == sent());
-        if commits.is_some() && stats.pending == 0 && settled && drained {
+        let mut done = commits.is_some() && stats.pending == 0 && settled && drained;
+        // A broker that can tell what it still holds for the consumer must
+        // hold nothing, and the consumer must have found nothing more.
+        if let (true, Some(backlog)) = (done, backlog.as_ref()) {
+            done = consumed.idle.load(Ordering::Relaxed) && backlog().await? == 0;
+        }
+        if done {
             break;
         }
         if Instant::now() > deadline {
@@ -369,7 +454,9 @@ async fn run_with<S: Shop, P: Publisher + Clone + 'static, D: Deliveries>(
         lost: audit.lost,
         out_of_order: consumed.out_of_order.load(Ordering::Relaxed),
         relay_restarts: relay_totals.restarts.load(Ordering::Relaxed),
-        publish_failures_injected: injected.total(),
+        publish_failures_injected: relay_totals.failures_injected.load(Ordering::Relaxed),
+        relays: None,
+        broker_cuts: None,
         p50_ms: percentile_ms(&latencies, 50.0),
         p99_ms: percentile_ms(&latencies, 99.0),
         elapsed_s: (started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
@@ -456,6 +543,7 @@ async fn consume<S: Shop, D: Deliveries>(
                 continue;
             }
         };
+        seen.idle.store(batch.is_empty(), Ordering::Relaxed);
         if batch.is_empty() {
             continue;
         }
@@ -507,6 +595,8 @@ struct RelayTotals {
     restarts: AtomicU64,
     /// Events the relays marked published.
     published: AtomicU64,
+    /// Publish failures the fault injector made.
+    failures_injected: AtomicU64,
 }
 
 /// Runs the relay; with chaos, kills it at random moments (mid-batch, holding
@@ -515,11 +605,15 @@ async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
     shop: S,
     publisher: P,
     config: RelayConfig,
-    chaos: bool,
-    writing: Arc<AtomicBool>,
-    totals: Arc<RelayTotals>,
-    mut stop: watch::Receiver<bool>,
+    injected: Arc<InjectedFaults>,
+    run: RelayRun,
 ) -> Result<(), CliError> {
+    let RelayRun {
+        chaos,
+        writing,
+        totals,
+        mut stop,
+    } = run;
     loop {
         // A new relay reads from where the store says the last one got to.
         let relay = Relay::new(
@@ -531,7 +625,10 @@ async fn supervise<S: Shop, P: Publisher + Clone + 'static>(
         let count = || {
             totals
                 .published
-                .fetch_add(metrics.published.load(Ordering::Relaxed), Ordering::Relaxed)
+                .fetch_add(metrics.published.load(Ordering::Relaxed), Ordering::Relaxed);
+            totals
+                .failures_injected
+                .store(injected.total(), Ordering::Relaxed);
         };
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let mut handle = tokio::spawn(async move {

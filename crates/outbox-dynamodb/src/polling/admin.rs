@@ -1,6 +1,8 @@
 //! The operator's side of the polling shape: counts, dead letters, purging.
 //! Everything reads a sparse index, never the whole table.
 
+use std::collections::BTreeMap;
+
 use aws_sdk_dynamodb::types::Select;
 use chrono::{DateTime, Utc};
 use futures_util::{stream, StreamExt, TryStreamExt};
@@ -55,35 +57,6 @@ impl PollingOutbox {
                 Some(key) => start = Some(key.clone()),
                 None => return Ok(()),
             }
-        }
-    }
-
-    async fn replay_one(&self, pk: String, version: u64, now: i64) -> Result<bool, StoreError> {
-        let result = self
-            .client()
-            .update_item()
-            .table_name(self.table())
-            .set_key(Some(Self::key(&pk, version)))
-            .update_expression(
-                "SET #status = :pending, #pkey = :pending, #attempts = :zero, #next = :now \
-                 REMOVE #dkey, #lease",
-            )
-            .condition_expression("attribute_exists(#dkey)")
-            .expression_attribute_names("#status", STATUS)
-            .expression_attribute_names("#pkey", PENDING_KEY)
-            .expression_attribute_names("#attempts", ATTEMPTS)
-            .expression_attribute_names("#next", NEXT_ATTEMPT_AT)
-            .expression_attribute_names("#dkey", DEAD_KEY)
-            .expression_attribute_names("#lease", LEASE_ID)
-            .expression_attribute_values(":pending", s(PENDING))
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":now", n(now))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) if is_condition_failed(&e) => Ok(false),
-            Err(e) => Err(outbox_aws::store_error("UpdateItem (replay)", e)),
         }
     }
 
@@ -252,12 +225,27 @@ impl DeadLetters for PollingOutbox {
     async fn replay(&self, which: ReplaySelector) -> Result<u64, StoreError> {
         let keys = self.dead_keys(&which).await?;
         let now = now_ms();
-        let replayed: Vec<bool> = stream::iter(keys)
-            .map(|(pk, version)| self.replay_one(pk, version, now))
+        // Each replay lowers its aggregate's mark: one aggregate's in turn,
+        // oldest first, aggregates side by side.
+        let mut by_aggregate: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (pk, version) in keys {
+            by_aggregate.entry(pk).or_default().push(version);
+        }
+        let replayed: Vec<u64> = stream::iter(by_aggregate)
+            .map(|(pk, mut versions)| async move {
+                versions.sort_unstable();
+                let mut replayed = 0;
+                for version in versions {
+                    if self.reopen(&pk, version, now).await? {
+                        replayed += 1;
+                    }
+                }
+                Ok::<u64, StoreError>(replayed)
+            })
             .buffer_unordered(CONCURRENCY)
             .try_collect()
             .await?;
-        Ok(replayed.into_iter().filter(|r| *r).count() as u64)
+        Ok(replayed.into_iter().sum())
     }
 
     async fn skip(&self, which: ReplaySelector) -> Result<u64, StoreError> {

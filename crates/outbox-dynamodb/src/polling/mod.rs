@@ -9,6 +9,11 @@
 //!   aggregate_type   S
 //!   aggregate_id     S
 //!
+//! mark item (sk = -1), one per aggregate, written by the relay (see `mark`):
+//!   clear_through    N   no pending event at or below this version
+//!   settled_through  N   no pending or dead event at or below this version
+//!   reopened         N   dead events made pending again (fences the two above)
+//!
 //! event item (sk = aggregate version):
 //!   event            S   the envelope as JSON
 //!   event_id         S
@@ -33,17 +38,26 @@
 //! GSIs are eventually consistent, so the poller uses the pending index only
 //! to learn which aggregates have work, then reads each aggregate's pending
 //! items with a consistent query on the base table in `sk` order: that read
-//! is what keeps the order. Every index key holds one constant value, so each
+//! is what keeps the order. It starts after the aggregate's mark, so a claim
+//! reads what is pending (and what was published since the last claim), not
+//! the aggregate's whole published history. Every index key holds one constant value, so each
 //! index is one partition key: simple and ordered, and enough up to that
 //! partition's throughput (about 1,000 writes a second).
 
 mod admin;
+mod mark;
 mod source;
 
 pub use source::{PollingOutbox, PollingReceipt};
 
 pub(crate) const SK: &str = "sk";
 pub(crate) const HEAD_SK: &str = "0";
+/// The sort key of an aggregate's mark item: below the head, so a query
+/// for events (`sk > version`) never reads it.
+pub(crate) const MARK_VERSION: i64 = -1;
+pub(crate) const CLEAR_THROUGH: &str = "clear_through";
+pub(crate) const SETTLED_THROUGH: &str = "settled_through";
+pub(crate) const REOPENED: &str = "reopened";
 pub(crate) const EVENT: &str = "event";
 pub(crate) const EVENT_ID: &str = "event_id";
 pub(crate) const STATUS: &str = "status";

@@ -21,8 +21,22 @@ use crate::outbox::{DynamoOutbox, Shape};
 /// purged earlier.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Single-item writes in flight at once when settling or purging.
+/// Single-item writes in flight at once when settling, and aggregates read
+/// at once by a claim.
 const CONCURRENCY: usize = 16;
+
+/// Leases in flight at once: a claim leases its events together, not one
+/// round trip after another.
+const LEASE_CONCURRENCY: usize = 32;
+
+/// Items one query page of an aggregate evaluates, at least and at most: a
+/// claim reads about what it can take, not a whole 1 MB page.
+const MIN_PAGE: usize = 16;
+const MAX_PAGE: usize = 1_000;
+
+fn page_size(want: usize) -> i32 {
+    i32::try_from(want.clamp(MIN_PAGE, MAX_PAGE)).unwrap_or(i32::MAX)
+}
 
 /// The polling-shape outbox as the relay sees it.
 #[derive(Debug, Clone)]
@@ -103,32 +117,164 @@ impl PollingOutbox {
         HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), n(version))])
     }
 
-    /// Leases the due prefix of one aggregate's pending events, in order,
-    /// stopping at the first one held (backing off, leased elsewhere, or,
-    /// with `Park`, dead). Items that cannot be read are leased too and
-    /// handed to the relay as malformed.
-    async fn claim_aggregate(&self, pk: &str, claim: &mut Claim) -> Result<(), StoreError> {
+    /// The key of any item of an aggregate, the mark's (-1) included.
+    pub(crate) fn key_at(pk: &str, sk: i64) -> HashMap<String, AttributeValue> {
+        HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), n(sk))])
+    }
+
+    /// Claims from a few aggregates at once: reads each from its mark,
+    /// leases the due prefixes together, gives back what a race cut off.
+    async fn claim_aggregates(
+        &self,
+        aggregates: &[Lead],
+        claim: &mut Claim,
+    ) -> Result<(), StoreError> {
+        let want = claim.room();
+        // Owned items: a stream of borrowed ones trips the compiler's
+        // `Send` check of the claim future.
+        let scans: Vec<Result<Scan, StoreError>> = stream::iter(aggregates.to_vec())
+            .map(|lead| self.scan(lead, want, claim))
+            .buffered(CONCURRENCY)
+            .collect()
+            .await;
+        let mut failure = None;
+        let mut room = want;
+        let mut found = Vec::with_capacity(scans.len());
+        for scan in scans {
+            match scan {
+                Ok(mut scan) => {
+                    if let Some(due) = scan.next_due {
+                        claim.note_due(due);
+                    }
+                    scan.candidates.truncate(room);
+                    room -= scan.candidates.len();
+                    found.push(scan);
+                }
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        // Every candidate of every aggregate at once, answers in order.
+        let wanted: Vec<(String, u64)> = found
+            .iter()
+            .flat_map(|scan| scan.candidates.iter().map(|v| (scan.pk.clone(), *v)))
+            .collect();
+        let shared: &Claim = claim;
+        let mut leased = stream::iter(wanted)
+            .map(|(pk, version)| async move { self.lease(&pk, version, shared).await })
+            .buffered(LEASE_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter();
+        let mut give_back = Vec::new();
+        for scan in &found {
+            let mut prefix = true;
+            for &version in &scan.candidates {
+                let receipt = PollingReceipt {
+                    pk: scan.pk.clone(),
+                    version,
+                };
+                let item = match leased.next() {
+                    Some(Ok(Some(item))) => item,
+                    Some(Ok(None)) => {
+                        prefix = false; // taken or settled meanwhile
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        failure = failure.or(Some(e));
+                        prefix = false;
+                        continue;
+                    }
+                    None => break,
+                };
+                if !prefix {
+                    // Leased after a gap: not this claim's to hand out.
+                    give_back.push(receipt);
+                    continue;
+                }
+                match read_event(&item, &scan.pk, version) {
+                    Ok(event) => {
+                        let attempts = number(&item, ATTEMPTS)
+                            .and_then(|a| u32::try_from(a).ok())
+                            .unwrap_or(0);
+                        claim
+                            .events
+                            .push(ClaimedEvent::new(event, attempts, receipt));
+                    }
+                    Err(reason) => {
+                        // Dead-lettered alone by the relay, its fields kept.
+                        tracing::error!(pk = scan.pk, version, %reason, "outbox: item cannot be read as an event");
+                        claim.malformed.push(Malformed::new(receipt, reason));
+                        if self.policy == DeadLetterPolicy::Park {
+                            prefix = false;
+                        }
+                    }
+                }
+            }
+        }
+        if !give_back.is_empty() {
+            let now = now_ms();
+            let lease = claim.lease;
+            // Best effort: a lease not given back just runs out.
+            let released: Vec<Result<bool, StoreError>> = stream::iter(give_back)
+                .map(|receipt| async move {
+                    self.settle_one(lease, &receipt, Outcome::Released, now)
+                        .await
+                })
+                .buffer_unordered(LEASE_CONCURRENCY)
+                .collect()
+                .await;
+            for e in released.into_iter().filter_map(Result::err) {
+                tracing::warn!(error = %e, "outbox: could not give back a lease");
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads one aggregate from its mark: which of its events this claim may
+    /// lease (a due prefix, up to `want`), and moves the mark up to its first
+    /// open event.
+    async fn scan(&self, lead: Lead, want: usize, claim: &Claim) -> Result<Scan, StoreError> {
         let park = self.policy == DeadLetterPolicy::Park;
+        let pk = lead.pk.as_str();
+        let mark = self.read_mark(pk).await?;
+        let mut from = if park { mark.settled } else { mark.clear };
+        // The index saw a pending event at `first_seen`: a mark above it
+        // (moved by a replay of an older version of this library) is wrong.
+        if let Some(seen) = lead.first_seen {
+            from = from.min(seen.saturating_sub(1));
+        }
         let filter = if park {
             "attribute_exists(#pending) OR attribute_exists(#dead)"
         } else {
             "attribute_exists(#pending)"
         };
+        let mut scan = Scan {
+            pk: lead.pk.clone(),
+            candidates: Vec::new(),
+            next_due: None,
+        };
+        // The first pending (or, parking, dead) event: everything between
+        // `from` and it is done.
+        let mut first_open: Option<(u64, bool)> = None;
         let mut start = None;
-        loop {
+        'pages: loop {
             // Consistent and in `sk` order: the index only said where to look.
             let mut query = self
                 .client()
                 .query()
                 .table_name(self.table())
                 .consistent_read(true)
-                .key_condition_expression("#pk = :pk AND #sk > :head")
+                .key_condition_expression("#pk = :pk AND #sk > :from")
                 .filter_expression(filter)
                 .expression_attribute_names("#pk", PK)
                 .expression_attribute_names("#sk", SK)
                 .expression_attribute_names("#pending", PENDING_KEY)
                 .expression_attribute_values(":pk", s(pk))
-                .expression_attribute_values(":head", n(HEAD_SK))
+                .expression_attribute_values(":from", n(from))
+                .limit(page_size(want))
                 .set_exclusive_start_key(start);
             if park {
                 query = query.expression_attribute_names("#dead", DEAD_KEY);
@@ -138,54 +284,61 @@ impl PollingOutbox {
                 .await
                 .map_err(|e| outbox_aws::store_error("Query (aggregate)", e))?;
             for item in page.items() {
-                if claim.is_full() {
-                    return Ok(());
-                }
-                if item.contains_key(DEAD_KEY) {
-                    return Ok(()); // parked behind its dead letter
-                }
                 let Some(version) = number(item, SK).and_then(|v| u64::try_from(v).ok()) else {
                     continue;
                 };
+                let dead = item.contains_key(DEAD_KEY);
+                first_open.get_or_insert((version, dead));
+                if dead {
+                    break 'pages; // parked behind its dead letter
+                }
+                if scan.candidates.len() >= want {
+                    break 'pages;
+                }
                 if number(item, POSITION).is_some_and(|p| p > claim.max_position) {
-                    return Ok(()); // written after a drain started
+                    break 'pages; // written after a drain started
                 }
                 let due = number(item, NEXT_ATTEMPT_AT).unwrap_or(0);
                 if due > claim.cutoff {
-                    claim.note_due(due);
-                    return Ok(()); // held: nothing after it may go
+                    scan.next_due = Some(due);
+                    break 'pages; // held: nothing after it may go
                 }
-                let Some(leased) = self.lease(pk, version, claim).await? else {
-                    return Ok(()); // taken or settled meanwhile
-                };
-                let receipt = PollingReceipt {
-                    pk: pk.to_owned(),
-                    version,
-                };
-                match read_event(&leased, pk, version) {
-                    Ok(event) => {
-                        let attempts = number(&leased, ATTEMPTS)
-                            .and_then(|a| u32::try_from(a).ok())
-                            .unwrap_or(0);
-                        claim
-                            .events
-                            .push(ClaimedEvent::new(event, attempts, receipt));
-                    }
-                    Err(reason) => {
-                        // Dead-lettered alone by the relay, its fields kept.
-                        tracing::error!(pk, version, %reason, "outbox: item cannot be read as an event");
-                        claim.malformed.push(Malformed::new(receipt, reason));
-                        if park {
-                            return Ok(());
-                        }
-                    }
+                scan.candidates.push(version);
+                if park && read_event(item, pk, version).is_err() {
+                    break 'pages; // parks its aggregate once dead-lettered
                 }
             }
             match page.last_evaluated_key() {
                 Some(key) => start = Some(key.clone()),
-                None => return Ok(()),
+                None => break,
             }
         }
+        // What the read showed: done up to the first open event, or, read to
+        // the end, up to the head's version as read before.
+        let done = match first_open {
+            Some((version, _)) => Some(version.saturating_sub(1)),
+            None => mark.head_version,
+        };
+        if let Some(done) = done {
+            let (clear, settled) = if park {
+                let first_is_dead = first_open.is_some_and(|(_, dead)| dead);
+                let clear = if first_is_dead {
+                    mark.clear.max(done)
+                } else {
+                    done
+                };
+                (clear, done)
+            } else {
+                (done, mark.settled)
+            };
+            if (clear, settled) != (mark.clear, mark.settled) {
+                // Best effort: a mark not moved costs the next claim reads, no more.
+                if let Err(e) = self.move_mark(pk, &mark, clear, settled).await {
+                    tracing::warn!(pk, error = %e, "outbox: could not move the aggregate's mark");
+                }
+            }
+        }
+        Ok(scan)
     }
 
     /// The item as leased, or `None` if it is no longer pending and due.
@@ -333,12 +486,39 @@ struct Claim {
 
 impl Claim {
     fn is_full(&self) -> bool {
-        self.events.len() + self.malformed.len() >= self.limit
+        self.room() == 0
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.malformed.is_empty()
+    }
+
+    /// How many more events this claim may take.
+    fn room(&self) -> usize {
+        self.limit
+            .saturating_sub(self.events.len() + self.malformed.len())
     }
 
     fn note_due(&mut self, at: i64) {
         self.next_due = Some(self.next_due.map_or(at, |d| d.min(at)));
     }
+}
+
+/// An aggregate the pending index listed, and the version of its pending
+/// event the index showed first (its oldest, unless clocks disagree).
+#[derive(Debug, Clone)]
+struct Lead {
+    pk: String,
+    first_seen: Option<u64>,
+}
+
+/// What a claim may lease of one aggregate, as read from its mark.
+struct Scan {
+    pk: String,
+    /// The due prefix, in version order.
+    candidates: Vec<u64>,
+    /// The due time of the event that ended the prefix, if that is what did.
+    next_due: Option<i64>,
 }
 
 /// The event of an item, checked by the rules a writer is held to, and
@@ -400,17 +580,28 @@ impl ClaimSource for PollingOutbox {
                 .expression_attribute_names("#pos", POSITION)
                 .expression_attribute_values(":k", s(PENDING))
                 .expression_attribute_values(":max", n(claim.max_position))
+                .limit(page_size(claim.room().max(100)))
                 .set_exclusive_start_key(start)
                 .send()
                 .await
                 .map_err(|e| outbox_aws::store_error("Query (pending index)", e))?;
+            let mut leads = Vec::new();
             for item in page.items() {
                 let Some(pk) = string(item, PK) else { continue };
-                if !seen.insert(pk.to_owned()) {
-                    continue;
+                if seen.insert(pk.to_owned()) {
+                    leads.push(Lead {
+                        pk: pk.to_owned(),
+                        first_seen: number(item, SK).and_then(|v| u64::try_from(v).ok()),
+                    });
                 }
-                if let Err(e) = self.claim_aggregate(pk, &mut claim).await {
-                    if claim.events.is_empty() && claim.malformed.is_empty() {
+            }
+            let mut rest = leads.as_slice();
+            while !rest.is_empty() {
+                // No more aggregates at once than events the claim may take.
+                let (chunk, tail) = rest.split_at(rest.len().min(CONCURRENCY).min(claim.room()));
+                rest = tail;
+                if let Err(e) = self.claim_aggregates(chunk, &mut claim).await {
+                    if claim.is_empty() {
                         return Err(e);
                     }
                     // What is leased already goes out; the rest waits for the next claim.

@@ -1,0 +1,270 @@
+//! The claim scheme of schema version 3: one lease row per claim, the
+//! queue of events to publish, and the upgrade from version 2 with relays
+//! of the old version holding claims.
+
+mod common;
+
+use std::time::Duration;
+
+use common::DropSchema;
+use outbox_core::{ClaimRequest, ClaimSource, Settlements, Stats};
+use outbox_postgres::PostgresOutbox;
+use outbox_testkit::order_event;
+use sqlx::AssertSqlSafe;
+
+async fn write(outbox: &PostgresOutbox, aggregate: &str, versions: std::ops::RangeInclusive<u64>) {
+    let events: Vec<_> = versions
+        .map(|v| order_event(aggregate, v, "OrderUpdated"))
+        .collect();
+    let mut tx = outbox.pool().begin().await.expect("begin");
+    outbox.append(&mut tx, &events).await.expect("append");
+    tx.commit().await.expect("commit");
+}
+
+async fn count(outbox: &PostgresOutbox, sql: &str) -> i64 {
+    sqlx::query_scalar(AssertSqlSafe(sql.replace("{schema}", outbox.schema_name())))
+        .fetch_one(outbox.pool())
+        .await
+        .expect("count")
+}
+
+/// A relay killed while holding a claim (its lease never settled): another
+/// relay takes the events once the lease ends, and whatever the dead
+/// relay's settlement says when it finally arrives (published, released,
+/// retry, dead) touches nothing the new holder has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_relay_settles_nothing_once_its_claim_is_taken_over() {
+    let outbox = common::outbox("stale", 4).await;
+    let _drop = DropSchema(outbox.schema_name().to_owned());
+    write(&outbox, "a", 1..=4).await;
+    let killed = outbox
+        .claim(ClaimRequest::new(2, Duration::from_millis(200)))
+        .await
+        .expect("claim");
+    assert_eq!(killed.events.len(), 2);
+    // While the lease lasts, the rest of the aggregate waits.
+    let during = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
+    assert!(during.events.is_empty(), "{:?}", during.events);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    let versions: Vec<u64> = taken
+        .events
+        .iter()
+        .map(|c| c.event.aggregate_version)
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3, 4]);
+
+    let receipts: Vec<i64> = killed.events.iter().map(|c| c.receipt).collect();
+    let now = chrono::Utc::now();
+    let mut late = Settlements::default();
+    late.released = vec![receipts[0]];
+    late.retry = vec![(receipts[1], now, "late".into())];
+    assert_eq!(outbox.settle(killed.lease, late).await.expect("settle"), 0);
+    let mut late = Settlements::default();
+    late.dead = vec![(receipts[0], "late".into())];
+    late.published = vec![receipts[1]];
+    assert_eq!(outbox.settle(killed.lease, late).await.expect("settle"), 0);
+    // The new holder still holds everything: nothing is claimable, nothing changed.
+    let again = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    let s = outbox.stats().await.expect("stats");
+    assert_eq!((s.pending, s.published, s.dead), (4, 0, 0));
+
+    // A holder may settle in several calls; the lease shrinks as it does.
+    let all: Vec<i64> = taken.events.iter().map(|c| c.receipt).collect();
+    let mut first = Settlements::default();
+    first.published = vec![all[0]];
+    first.released = vec![all[2], all[3]];
+    assert_eq!(outbox.settle(taken.lease, first).await.expect("settle"), 3);
+    // v2 is still held by the lease, so v3 and v4 wait behind it.
+    let behind = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
+    assert!(behind.events.is_empty(), "{:?}", behind.events);
+    let mut second = Settlements::default();
+    second.published = vec![all[1]];
+    assert_eq!(outbox.settle(taken.lease, second).await.expect("settle"), 1);
+    assert_eq!(
+        count(&outbox, "SELECT count(*) FROM {schema}.outbox_leases").await,
+        0,
+        "a settled lease is dropped"
+    );
+    let rest = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(5)))
+        .await
+        .expect("claim");
+    let versions: Vec<u64> = rest
+        .events
+        .iter()
+        .map(|c| c.event.aggregate_version)
+        .collect();
+    assert_eq!(versions, vec![3, 4]);
+}
+
+/// A retry holds its aggregate back until it is due, other aggregates flow,
+/// and an empty claim says when the next held event comes due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_holds_only_its_aggregate_until_due() {
+    let outbox = common::outbox("retry", 4).await;
+    let _drop = DropSchema(outbox.schema_name().to_owned());
+    write(&outbox, "a", 1..=2).await;
+    let first = outbox
+        .claim(ClaimRequest::new(1, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(400);
+    let mut failed = Settlements::default();
+    failed.retry = vec![(first.events[0].receipt, due, "broker said no".into())];
+    assert_eq!(outbox.settle(first.lease, failed).await.expect("settle"), 1);
+    write(&outbox, "b", 1..=1).await;
+    let next = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    let got: Vec<(String, u64)> = next
+        .events
+        .iter()
+        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
+        .collect();
+    assert_eq!(got, vec![("b".to_owned(), 1)]);
+    let mut sent = Settlements::default();
+    sent.published = vec![next.events[0].receipt];
+    outbox.settle(next.lease, sent).await.expect("settle");
+    let empty = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    assert!(empty.events.is_empty());
+    let next_due = empty.next_due.expect("next due");
+    assert!(
+        (next_due - due).num_milliseconds().abs() < 5,
+        "{next_due} {due}"
+    );
+    let s = outbox.stats().await.expect("stats");
+    assert_eq!(s.last_error.as_deref(), Some("broker said no"));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let retried = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    let got: Vec<(u64, u32)> = retried
+        .events
+        .iter()
+        .map(|c| (c.event.aggregate_version, c.attempts))
+        .collect();
+    assert_eq!(got, vec![(1, 1), (2, 0)]);
+}
+
+/// An outbox at schema version 2, with a pending backlog, an event leased
+/// by a relay of the old version, a dead letter and published events, is
+/// upgraded in place: nothing is lost, the old lease still holds its
+/// aggregate until it ends, and publishing goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_from_version_2_keeps_every_event_and_old_leases() {
+    let schema = common::unique_schema("upgrade");
+    let _drop = DropSchema(schema.clone());
+    let pool = common::pool(&common::url(), 2).await;
+    let mut sql = format!(
+        "CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.outbox_schema_migrations (
+             version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         INSERT INTO {schema}.outbox_schema_migrations (version) VALUES (1), (2);"
+    );
+    for migration in [
+        include_str!("../migrations/0001_outbox.sql"),
+        include_str!("../migrations/0002_claim_and_settle.sql"),
+    ] {
+        sql.push_str(
+            &migration
+                .replace("{schema}", &format!("\"{schema}\""))
+                .replace("{schema_name}", &schema),
+        );
+    }
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&pool)
+        .await
+        .expect("version 2");
+    // Rows as version 2 left them: `lease_id` and `next_attempt_at` in the row.
+    let rows = [
+        // aggregate, version, status, leased for (ms)
+        ("leased", 1, "pending", Some(2_000)),
+        ("leased", 2, "pending", None),
+        ("free", 1, "pending", None),
+        ("free", 2, "pending", None),
+        ("gone", 1, "published", None),
+        ("broken", 1, "dead", None),
+    ];
+    for (aggregate, version, status, leased) in rows {
+        let event = order_event(aggregate, version, "OrderUpdated");
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {schema}.outbox (id, aggregate_type, aggregate_id, aggregate_version,
+                event_type, payload, occurred_at, status, lease_id, next_attempt_at)
+             VALUES ($1, 'Order', $2, $3, 'OrderUpdated', '{{}}', now(), $4,
+                     CASE WHEN $5::int IS NULL THEN NULL ELSE gen_random_uuid() END,
+                     now() + make_interval(secs => coalesce($5::int, 0) / 1000.0))"
+        )))
+        .bind(event.id.to_string())
+        .bind(aggregate)
+        .bind(version as i64)
+        .bind(status)
+        .bind(leased)
+        .execute(&pool)
+        .await
+        .expect("row");
+    }
+
+    let outbox = PostgresOutbox::from_pool(pool)
+        .schema(&schema)
+        .expect("schema");
+    outbox.migrate().await.expect("upgrade");
+    let s = outbox.stats().await.expect("stats");
+    assert_eq!((s.pending, s.published, s.dead), (4, 1, 1), "{s:?}");
+    let first = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    let got: Vec<(String, u64)> = first
+        .events
+        .iter()
+        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("free".to_owned(), 1), ("free".to_owned(), 2)],
+        "the old lease must hold its aggregate"
+    );
+    // The old lease ends 2 s after it was written.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let second = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    let got: Vec<(String, u64)> = second
+        .events
+        .iter()
+        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("leased".to_owned(), 1), ("leased".to_owned(), 2)]
+    );
+    // Migrating again changes nothing.
+    outbox.migrate().await.expect("migrate again");
+    let version: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT max(version) FROM {schema}.outbox_schema_migrations"
+    )))
+    .fetch_one(outbox.pool())
+    .await
+    .expect("version");
+    assert_eq!(version, outbox_postgres::SCHEMA_VERSION);
+}
