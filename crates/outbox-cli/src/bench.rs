@@ -120,9 +120,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     let (url, _temp) = target::or_temporary(args.store.as_ref(), "bench.db")?;
     // Checked before opening: opening another store could create its tables.
     if !matches!(url, StoreUrl::Sqlite { .. } | StoreUrl::Postgres { .. }) {
-        return Err(CliError::Usage(
-            "bench measures the SQL stores: use --store sqlite://FILE or postgres://...".into(),
-        ));
+        return Err(sql_stores_only());
     }
     let publisher = target::open_target(&args.to, "urn:outbox:bench").await?;
     // One store per relay, each with its own connections, as separate
@@ -133,30 +131,20 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     }
     let results = match stores.first() {
         Some(Store::Sqlite(_)) => {
-            let stores = stores
-                .into_iter()
-                .filter_map(|s| match s {
-                    Store::Sqlite(s) => Some(s),
-                    _ => None,
-                })
-                .collect();
+            let stores = each(stores, |s| match s {
+                Store::Sqlite(s) => Some(s),
+                _ => None,
+            });
             measure(stores, publisher, &args, &url).await?
         }
         Some(Store::Postgres(_)) => {
-            let stores = stores
-                .into_iter()
-                .filter_map(|s| match s {
-                    Store::Postgres(s) => Some(s),
-                    _ => None,
-                })
-                .collect();
+            let stores = each(stores, |s| match s {
+                Store::Postgres(s) => Some(s),
+                _ => None,
+            });
             measure(stores, publisher, &args, &url).await?
         }
-        _ => {
-            return Err(CliError::Usage(
-                "bench measures the SQL stores: use --store sqlite://FILE or postgres://...".into(),
-            ))
-        }
+        _ => return Err(sql_stores_only()),
     };
     println!("store {}  ->  {}", results.store, results.to);
     println!(
@@ -176,6 +164,17 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         print_json(&results);
     }
     Ok(())
+}
+
+fn sql_stores_only() -> CliError {
+    CliError::Usage(
+        "bench measures the SQL stores: use --store sqlite://FILE or postgres://...".into(),
+    )
+}
+
+/// The stores of one kind, opened from one URL.
+fn each<S>(stores: Vec<Store>, kind: impl Fn(Store) -> Option<S>) -> Vec<S> {
+    stores.into_iter().filter_map(kind).collect()
 }
 
 /// An event of aggregate `bench-RUN-N`: each run has its own aggregates, so

@@ -471,6 +471,8 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             let Some((events, tickets, outcomes)) = calls.next().await else {
                 break;
             };
+            // One clock read per answered call, not per event.
+            let answered_at = Utc::now();
             for ((event, (lane, attempts, receipt)), outcome) in
                 events.iter().zip(tickets).zip(outcomes)
             {
@@ -486,7 +488,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 }
                 match outcome {
                     Outcome::Sent(Ok(())) => {
-                        let waited = (Utc::now() - event.occurred_at)
+                        let waited = (answered_at - event.occurred_at)
                             .to_std()
                             .unwrap_or_default();
                         self.metrics.commit_to_publish_seconds.observe(waited);
@@ -500,7 +502,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                     Outcome::Sent(Err(error)) if error.is_target_failure() => {
                         settlements
                             .deferred
-                            .push((receipt, Utc::now(), error.to_string()));
+                            .push((receipt, answered_at, error.to_string()));
                         target_down.get_or_insert(error);
                     }
                     Outcome::Sent(Err(error)) => {

@@ -48,6 +48,8 @@ mod admin;
 mod mark;
 mod source;
 
+#[doc(hidden)]
+pub use source::read_event;
 pub use source::{PollingOutbox, PollingReceipt};
 
 pub(crate) const SK: &str = "sk";

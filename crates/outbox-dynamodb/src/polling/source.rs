@@ -523,7 +523,8 @@ struct Scan {
 
 /// The event of an item, checked by the rules a writer is held to, and
 /// against the item's own key.
-pub(crate) fn read_event(
+#[doc(hidden)] // public for the fuzz targets, which must run this very code
+pub fn read_event(
     item: &HashMap<String, AttributeValue>,
     pk: &str,
     version: u64,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use fastrand::Rng;
-use outbox_core::Event;
+use outbox_dynamodb::polling::read_event;
 use outbox_dynamodb::{item, OutboxItem};
 use serde_json::Value;
 
@@ -117,9 +117,7 @@ impl Target for StreamItem {
 }
 
 /// The polling shape: an event item's `event` attribute read back and
-/// checked against the item's key, by the steps of the polling source's
-/// `read_event` (`item::decode_event`, `item::aggregate_key`); that
-/// function itself is private to the polling module.
+/// checked against the item's key by the polling source's own `read_event`.
 #[derive(Debug)]
 pub struct PollingItem {
     seeds: Seeds,
@@ -150,25 +148,6 @@ fn item_key(item: &Item) -> Option<(&str, u64)> {
         _ => return None,
     };
     Some((pk, u64::try_from(sk).ok()?))
-}
-
-/// `read_event` of the polling source, step by step.
-fn read_event(item: &Item, pk: &str, version: u64) -> Result<Event, String> {
-    let json = match item.get("event") {
-        Some(AttributeValue::S(json)) => json,
-        Some(_) => return Err("the `event` attribute is not a string (S)".to_owned()),
-        None => return Err("the `event` attribute is missing".to_owned()),
-    };
-    let event = item::decode_event(json).map_err(|e| e.to_string())?;
-    let key = item::aggregate_key(&event.aggregate_type, &event.aggregate_id)
-        .map_err(|e| e.to_string())?;
-    if key != pk || event.aggregate_version != version {
-        return Err(format!(
-            "the event is {key} version {}, but the item is {pk} version {version}",
-            event.aggregate_version
-        ));
-    }
-    Ok(event)
 }
 
 impl Target for PollingItem {
