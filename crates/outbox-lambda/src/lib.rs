@@ -4,6 +4,7 @@ pub mod aws_publisher;
 pub mod config;
 pub mod consumer;
 pub mod dead_letter;
+pub mod emf;
 pub mod scheduled;
 pub mod stream;
 pub mod testing;

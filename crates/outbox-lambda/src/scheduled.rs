@@ -6,9 +6,14 @@ use std::time::Duration;
 
 use outbox_core::{time, BatchReport, ClaimSource, Publisher, Relay, StoreError};
 
+use outbox_registry::{DynamoShape, StoreUrl};
+
 use crate::config::{ConfigError, Target, DEFAULT_SOURCE, DEFAULT_TARGET, SOURCE_VAR, TARGET_VAR};
 
-/// The polling-shape outbox table the relay drains; required.
+/// The store the relay drains, by URL: `postgres://USER:PASSWORD@HOST/DB`
+/// (the RDS shape) or `dynamodb://TABLE?shape=polling`.
+pub const STORE_VAR: &str = "OUTBOX_STORE";
+/// Shorthand for `OUTBOX_STORE=dynamodb://TABLE?shape=polling`.
 pub const TABLE_VAR: &str = "OUTBOX_TABLE";
 /// Milliseconds kept free before Lambda's timeout.
 pub const MARGIN_MS_VAR: &str = "OUTBOX_MARGIN_MS";
@@ -41,7 +46,7 @@ pub fn budget_until(deadline_ms: u64) -> Duration {
 /// What the scheduled relay reads from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledRelaySettings {
-    pub table: String,
+    pub store: StoreUrl,
     pub target: Target,
     pub source: String,
     pub margin: Duration,
@@ -56,10 +61,18 @@ impl ScheduledRelaySettings {
     /// Reads settings through `var`; empty values count as unset.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let table = get(TABLE_VAR).ok_or(ConfigError::Missing {
-            var: TABLE_VAR,
-            hint: "name the DynamoDB outbox table (polling shape) to relay from",
-        })?;
+        let store = match (get(STORE_VAR), get(TABLE_VAR)) {
+            (Some(url), _) => scheduled_store(STORE_VAR, &url)?,
+            (None, Some(table)) => {
+                scheduled_store(TABLE_VAR, &format!("dynamodb://{}?shape=polling", table.trim()))?
+            }
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    var: STORE_VAR,
+                    hint: "name the store to relay from: postgres://USER:PASSWORD@HOST/DB or dynamodb://TABLE?shape=polling (or set OUTBOX_TABLE to a polling-shape DynamoDB table)",
+                })
+            }
+        };
         let target = get(TARGET_VAR)
             .as_deref()
             .unwrap_or(DEFAULT_TARGET)
@@ -79,11 +92,37 @@ impl ScheduledRelaySettings {
             },
         };
         Ok(Self {
-            table: table.trim().to_owned(),
+            store,
             target,
             source,
             margin,
         })
+    }
+}
+
+/// A store the scheduled relay can drain: one that keeps each event's state
+/// (PostgreSQL, a polling-shape DynamoDB table). A stream-shape table is
+/// relayed by `publish-events` from its stream, and a SQLite file would not
+/// outlive the execution environment.
+fn scheduled_store(var: &'static str, value: &str) -> Result<StoreUrl, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        var,
+        value: value.to_owned(),
+        reason,
+    };
+    let store: StoreUrl = value
+        .trim()
+        .parse()
+        .map_err(|e: outbox_registry::RegistryError| invalid(e.to_string()))?;
+    match &store {
+        StoreUrl::Postgres { .. } => Ok(store),
+        StoreUrl::DynamoDb { shape: DynamoShape::Polling, .. } => Ok(store),
+        StoreUrl::DynamoDb { .. } => Err(invalid(
+            "a stream-shape table is relayed by publish-events from its stream; the scheduled relay needs ?shape=polling".to_owned(),
+        )),
+        _ => Err(invalid(
+            "the scheduled relay drains postgres:// or dynamodb://TABLE?shape=polling".to_owned(),
+        )),
     }
 }
 
@@ -116,11 +155,12 @@ mod tests {
     #[test]
     fn reads_settings() {
         let err = settings(&[]).unwrap_err();
-        assert!(err.to_string().contains(TABLE_VAR), "{err}");
+        assert!(err.to_string().contains(STORE_VAR), "{err}");
         let s = settings(&[(TABLE_VAR, "outbox")]).unwrap();
+        assert_eq!(s.store, "dynamodb://outbox?shape=polling".parse().unwrap());
         assert_eq!(
-            (s.table.as_str(), s.source.as_str(), s.margin),
-            ("outbox", DEFAULT_SOURCE, DEFAULT_MARGIN)
+            (s.source.as_str(), s.margin),
+            (DEFAULT_SOURCE, DEFAULT_MARGIN)
         );
         let s = settings(&[
             (TABLE_VAR, "outbox"),
@@ -136,6 +176,32 @@ mod tests {
         );
         assert_eq!(s.margin, Duration::from_millis(1500));
         assert!(settings(&[(TABLE_VAR, "outbox"), (MARGIN_MS_VAR, "soon")]).is_err());
+    }
+
+    #[test]
+    fn reads_the_rds_shape_and_refuses_stores_it_cannot_drain() {
+        let s = settings(&[
+            (
+                STORE_VAR,
+                "postgres://relay:secret@db.internal:5432/orders?schema=outbox",
+            ),
+            (TABLE_VAR, "ignored"),
+        ])
+        .unwrap();
+        assert!(matches!(s.store, StoreUrl::Postgres { ref schema, .. } if schema == "outbox"));
+        // The password never shows in the settings' display.
+        assert!(!s.store.to_string().contains("secret"), "{}", s.store);
+        for (url, says) in [
+            ("dynamodb://outbox", "shape=polling"),
+            ("sqlite:///tmp/outbox.db", "postgres://"),
+            ("mysql://db/outbox", STORE_VAR),
+        ] {
+            let err = settings(&[(STORE_VAR, url)]).unwrap_err();
+            assert!(err.to_string().contains(says), "{url}: {err}");
+            assert!(!err.is_retryable());
+        }
+        let err = settings(&[(TABLE_VAR, "no")]).unwrap_err();
+        assert!(err.to_string().contains(TABLE_VAR), "{err}");
     }
 
     #[test]

@@ -36,13 +36,34 @@ macro_rules! settle_sql {
     };
 }
 
-const SETTLE_PUBLISHED: &str = settle_sql!("status = 'published', published_at = f.at");
-const SETTLE_RELEASED: &str = settle_sql!("next_attempt_at = f.at");
+/// [`settle_sql!`] for outcomes that share one time, `?3`: `?1` is then a
+/// plain array of positions. Most of a batch settles this way, and reading
+/// a `[position, time, error]` triple back per row cost a third of the
+/// statement's instructions.
+macro_rules! settle_all_sql {
+    ($set:literal) => {
+        concat!(
+            "UPDATE outbox SET ",
+            $set,
+            ", lease_id = NULL
+             WHERE position IN (SELECT value FROM json_each(?1))
+               AND lease_id = ?2 AND status = 'pending'"
+        )
+    };
+}
+
+const SETTLE_PUBLISHED: &str = settle_all_sql!("status = 'published', published_at = ?3");
+const SETTLE_RELEASED: &str = settle_all_sql!("next_attempt_at = ?3");
 const SETTLE_RETRY: &str =
     settle_sql!("attempts = attempts + 1, next_attempt_at = f.at, last_error = f.err");
 const SETTLE_DEAD: &str =
     settle_sql!("status = 'dead', attempts = attempts + 1, last_error = f.err");
 const SETTLE_DEFERRED: &str = settle_sql!("next_attempt_at = f.at, last_error = f.err");
+
+/// `[position, ...]` as one JSON parameter.
+fn positions_json(positions: &[i64]) -> Result<String, StoreError> {
+    serde_json::to_string(positions).map_err(|e| StoreError::Backend(Box::new(e)))
+}
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -127,16 +148,10 @@ impl ClaimSource for SqliteOutbox {
         if s.is_empty() {
             return Ok(0);
         }
-        let now = Some(Utc::now().timestamp_millis());
+        let now = Utc::now().timestamp_millis();
         let statements = [
-            (
-                SETTLE_PUBLISHED,
-                rows_json(s.published.iter().map(|p| (*p, now, None)))?,
-            ),
-            (
-                SETTLE_RELEASED,
-                rows_json(s.released.iter().map(|p| (*p, now, None)))?,
-            ),
+            (SETTLE_PUBLISHED, positions_json(&s.published)?),
+            (SETTLE_RELEASED, positions_json(&s.released)?),
             (
                 SETTLE_RETRY,
                 rows_json(
@@ -166,6 +181,8 @@ impl ClaimSource for SqliteOutbox {
             applied += sqlx::query(sql)
                 .bind(rows)
                 .bind(&lease)
+                // Read by the shared-time statements only.
+                .bind(now)
                 .execute(&mut *tx)
                 .await
                 .map_err(map)?

@@ -563,7 +563,9 @@ async fn consume<S: Shop, D: Deliveries>(
                 for (event, outcome) in events.iter().zip(outcomes) {
                     let counter = match outcome {
                         Shipped::Duplicate => &seen.duplicates,
-                        Shipped::OutOfOrder => &seen.out_of_order,
+                        // Older than what Shipping applied: the relay broke
+                        // the order (or, Ignored, an event it never wrote).
+                        Shipped::Stale | Shipped::Ignored => &seen.out_of_order,
                         Shipped::Applied | Shipped::AppliedAfterGap => {
                             if outcome == Shipped::AppliedAfterGap {
                                 seen.gaps.fetch_add(1, Ordering::Relaxed);

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use outbox_core::{DeadLetterPolicy, Event, EventId, Inbox, Seen, Stats, StoreError};
+use orders::store::postgres::PostgresStore;
+use orders::store::ShipmentStore;
+use outbox_core::{DeadLetterPolicy, Event, EventId, Stats, StoreError};
 use outbox_nats::async_nats::{self, jetstream};
 use outbox_nats::SubjectTemplate;
 use outbox_postgres::PostgresOutbox;
@@ -17,12 +19,12 @@ use sqlx::AssertSqlSafe;
 
 use super::broker::{rabbit_error, rabbit_ready, NatsDeliveries, RabbitDeliveries, Received};
 use super::processes::{RelayProcesses, RelaySettings};
-use super::shop::{cancelled, shipment_status, Audit, NewOrder, Shipped, Shop};
+use super::shop::{self, Audit, NewOrder, Shipped, Shop};
 use super::{report, run_with, DemoArgs, RelayTask, Summary, DEFAULT_RATE, SOURCE};
 use crate::target::TargetUrl;
 use crate::CliError;
 
-const CONSUMER: &str = "shipping";
+const CONSUMER: &str = orders::SHIPPING_CONSUMER;
 
 /// The store as `--store postgres://...` names it.
 #[derive(Debug, Clone)]
@@ -40,7 +42,7 @@ fn db(e: sqlx::Error) -> StoreError {
 /// Both services' tables in the outbox's schema.
 #[derive(Debug, Clone)]
 pub struct PostgresShop {
-    outbox: PostgresOutbox,
+    store: PostgresStore,
 }
 
 impl PostgresShop {
@@ -48,36 +50,26 @@ impl PostgresShop {
     /// refuses a schema that already holds events, so the summary can be
     /// checked against the tables afterwards.
     pub async fn new(outbox: PostgresOutbox) -> Result<Self, StoreError> {
-        outbox.migrate().await?;
-        let shop = Self { outbox };
+        let shop = Self {
+            store: PostgresStore::open(outbox).await?,
+        };
         let existing: i64 = sqlx::query_scalar(shop.sql("SELECT count(*) FROM {s}.outbox"))
-            .fetch_one(shop.outbox.pool())
+            .fetch_one(shop.outbox().pool())
             .await
             .map_err(db)?;
         if existing > 0 {
             return Err(StoreError::Config(format!(
                 "schema {} already holds {existing} events; the demo needs a fresh one \
                  (name another with ?schema=NAME, or leave it out for a schema of the run's own)",
-                shop.outbox.schema_name()
+                shop.outbox().schema_name()
             )));
         }
-        sqlx::raw_sql(shop.sql(
-            "CREATE TABLE IF NOT EXISTS {s}.orders (
-                id TEXT PRIMARY KEY, customer TEXT NOT NULL, total_cents BIGINT NOT NULL,
-                items INTEGER NOT NULL, status TEXT NOT NULL, version BIGINT NOT NULL);
-             CREATE TABLE IF NOT EXISTS {s}.shipments (
-                order_id TEXT PRIMARY KEY, status TEXT NOT NULL, order_version BIGINT NOT NULL);",
-        ))
-        .execute(shop.outbox.pool())
-        .await
-        .map_err(db)?;
         Ok(shop)
     }
 
-    /// `sql` with `{s}` the quoted schema. Schema names are validated
-    /// (lower-case letters, digits, `_`), so quoting is all they need.
+    /// `sql` with `{s}` the quoted schema.
     fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
-        AssertSqlSafe(sql.replace("{s}", &format!("\"{}\"", self.outbox.schema_name())))
+        self.store.sql(sql)
     }
 }
 
@@ -85,95 +77,23 @@ impl Shop for PostgresShop {
     type Outbox = PostgresOutbox;
 
     fn outbox(&self) -> PostgresOutbox {
-        self.outbox.clone()
+        self.store.outbox().clone()
     }
 
     async fn relay_source(&self) -> Result<PostgresOutbox, StoreError> {
-        Ok(self.outbox.clone())
+        Ok(self.store.outbox().clone())
     }
 
     async fn place_order(&self, order: &NewOrder) -> Result<Vec<Event>, StoreError> {
-        let events = order.events()?;
-        let mut tx = self.outbox.pool().begin().await.map_err(db)?;
-        sqlx::query(self.sql(
-            "INSERT INTO {s}.orders (id, customer, total_cents, items, status, version)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        ))
-        .bind(&order.id)
-        .bind(&order.customer)
-        .bind(order.total_cents)
-        .bind(i32::try_from(order.items).unwrap_or(i32::MAX))
-        .bind(if order.paid { "paid" } else { "created" })
-        .bind(events.len() as i64)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        self.outbox.append(&mut tx, &events).await?;
-        tx.commit().await.map_err(db)?;
-        Ok(events)
+        shop::place(&self.store, order).await
     }
 
     async fn cancel_order(&self, order_id: &str) -> Result<Option<Event>, StoreError> {
-        let mut tx = self.outbox.pool().begin().await.map_err(db)?;
-        let version: Option<i64> = sqlx::query_scalar(self.sql(
-            "UPDATE {s}.orders SET status = 'cancelled', version = version + 1
-             WHERE id = $1 AND status != 'cancelled' RETURNING version",
-        ))
-        .bind(order_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let Some(version) = version else {
-            return Ok(None);
-        };
-        let event = cancelled(order_id, u64::try_from(version).unwrap_or(0))?;
-        self.outbox
-            .append(&mut tx, std::slice::from_ref(&event))
-            .await?;
-        tx.commit().await.map_err(db)?;
-        Ok(Some(event))
+        shop::cancel(&self.store, order_id).await
     }
 
     async fn ship(&self, events: &[Event]) -> Result<Vec<Shipped>, StoreError> {
-        let inbox = self.outbox.inbox();
-        let mut tx = self.outbox.pool().begin().await.map_err(db)?;
-        let mut outcomes = Vec::with_capacity(events.len());
-        for event in events {
-            if inbox.record(&mut tx, CONSUMER, event.id).await? == Seen::Duplicate {
-                outcomes.push(Shipped::Duplicate);
-                continue;
-            }
-            let applied: i64 = sqlx::query_scalar(self.sql(
-                "SELECT COALESCE(MAX(order_version), 0) FROM {s}.shipments WHERE order_id = $1",
-            ))
-            .bind(&event.aggregate_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-            // validate() keeps versions within i64.
-            let version = event.aggregate_version as i64;
-            if version <= applied {
-                outcomes.push(Shipped::OutOfOrder);
-                continue;
-            }
-            sqlx::query(self.sql(
-                "INSERT INTO {s}.shipments (order_id, status, order_version) VALUES ($1, $2, $3)
-                 ON CONFLICT (order_id) DO UPDATE SET status = $2, order_version = $3",
-            ))
-            .bind(&event.aggregate_id)
-            .bind(shipment_status(&event.event_type))
-            .bind(version)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            outcomes.push(if version == applied + 1 {
-                Shipped::Applied
-            } else {
-                Shipped::AppliedAfterGap
-            });
-        }
-        tx.commit().await.map_err(db)?;
-        Ok(outcomes)
+        self.store.ship(events).await
     }
 
     async fn audit(&self, _written: &HashSet<EventId>) -> Result<Audit, StoreError> {
@@ -188,7 +108,7 @@ impl Shop for PostgresShop {
                          WHERE i.consumer = $1 AND i.event_id::text = o.id))",
         ))
         .bind(CONSUMER)
-        .fetch_one(self.outbox.pool())
+        .fetch_one(self.outbox().pool())
         .await
         .map_err(db)?;
         let n = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -615,7 +535,7 @@ async fn check(
     broker: &Broker,
     received: &Received,
 ) -> Result<(), CliError> {
-    let stats = shop.outbox.stats().await?;
+    let stats = shop.outbox().stats().await?;
     let mut broken = Vec::new();
     if stats.pending > 0 {
         broken.push(format!(
@@ -645,7 +565,7 @@ async fn check(
          WHERE NOT EXISTS (SELECT 1 FROM {s}.outbox AS o WHERE o.id = r.id)",
     ))
     .bind(ids)
-    .fetch_one(shop.outbox.pool())
+    .fetch_one(shop.outbox().pool())
     .await?;
     if !within(distinct) {
         broken.push(format!(

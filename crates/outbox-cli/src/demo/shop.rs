@@ -1,76 +1,97 @@
-//! The seed's two services: an Order service that records `OrderCreated`
-//! (and friends) with each order, and a Shipping service that consumes them.
+//! The seed's two services, as the `orders` example implements them: an
+//! Order service that records `OrderCreated` (and friends) with each order,
+//! and a Shipping service that consumes them. Here: the demo's random
+//! orders and what the demo needs of each store beside the services.
 
 use std::collections::HashSet;
 use std::future::Future;
 
+use orders::domain::{chain_causation, Change, LineItem, Meta, Order, OrderError, PlaceOrder};
+use orders::service::{self, ServiceError};
+use orders::store::OrderStore;
 use outbox_core::{ClaimSource, Event, EventId, Stats, StoreError};
+
+pub use orders::store::Shipped;
 
 /// A new order as the Order service receives it.
 #[derive(Debug, Clone)]
 pub struct NewOrder {
     pub id: String,
-    pub customer: String,
-    pub total_cents: i64,
-    pub items: u32,
-    /// Paid at checkout: an `OrderPaid` event follows `OrderCreated`.
+    pub request: PlaceOrder,
+    /// Paid at checkout: an `OrderPaid` event follows `OrderCreated`, in
+    /// the same transaction.
     pub paid: bool,
 }
 
 impl NewOrder {
     pub fn random(n: u64) -> Self {
+        let lines = fastrand::u32(1..6);
         Self {
             id: format!("order-{n:06}"),
-            customer: format!("customer-{}", fastrand::u32(1..500)),
-            total_cents: fastrand::i64(500..50_000),
-            items: fastrand::u32(1..6),
+            request: PlaceOrder {
+                customer_id: format!("customer-{}", fastrand::u32(1..500)),
+                items: (0..lines)
+                    .map(|_| LineItem {
+                        sku: format!("SKU-{:03}", fastrand::u32(1..200)),
+                        quantity: fastrand::u32(1..4),
+                        unit_price_cents: fastrand::u64(100..10_000),
+                    })
+                    .collect(),
+            },
             paid: fastrand::bool(),
         }
     }
 
-    /// The domain events of placing this order, versions 1, 2...
-    pub fn events(&self) -> Result<Vec<Event>, StoreError> {
-        let correlation = format!("checkout-{}", self.id);
-        let mut events = vec![Event::builder("Order", &self.id, 1, "OrderCreated")
-            .payload(&serde_json::json!({
-                "orderId": self.id, "customerId": self.customer,
-                "totalCents": self.total_cents, "items": self.items,
-            }))
-            .correlation_id(&correlation)
-            .build()?];
+    /// The domain's change of placing this order: versions 1 (and 2 if paid).
+    pub fn change(&self) -> Result<Change, OrderError> {
+        let meta = Meta {
+            correlation_id: Some(format!("checkout-{}", self.id)),
+            traceparent: None,
+        };
+        let mut change = Order::create(&self.id, self.request.clone(), &meta)?;
         if self.paid {
-            events.push(
-                Event::builder("Order", &self.id, 2, "OrderPaid")
-                    .payload(
-                        &serde_json::json!({ "orderId": self.id, "amountCents": self.total_cents }),
-                    )
-                    .correlation_id(&correlation)
-                    .causation_id(events[0].id.to_string())
-                    .build()?,
-            );
+            change = change.and_then(|o| o.pay(&meta))?;
         }
-        Ok(events)
+        chain_causation(&mut change);
+        Ok(change)
     }
 }
 
-/// `OrderCancelled` at the order's next version.
-pub fn cancelled(order_id: &str, version: u64) -> Result<Event, StoreError> {
-    Ok(Event::builder("Order", order_id, version, "OrderCancelled")
-        .payload(&serde_json::json!({ "orderId": order_id, "reason": "customer request" }))
-        .build()?)
+fn store_error(e: ServiceError) -> StoreError {
+    match e {
+        ServiceError::Store(e) => e,
+        ServiceError::Conflict(m) => StoreError::Conflict(m),
+        e => StoreError::Config(e.to_string()),
+    }
 }
 
-/// What the Shipping service did with one delivered event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shipped {
-    /// Applied, in order.
-    Applied,
-    /// Applied after a gap: an earlier event was dead-lettered.
-    AppliedAfterGap,
-    /// Already processed: the inbox absorbed the duplicate.
-    Duplicate,
-    /// An older version than one already applied: order was broken.
-    OutOfOrder,
+/// The Order service places `order`: the order and its events, one transaction.
+pub async fn place<S: OrderStore>(store: &S, order: &NewOrder) -> Result<Vec<Event>, StoreError> {
+    let change = order
+        .change()
+        .map_err(|e| StoreError::Config(e.to_string()))?;
+    Ok(service::commit(store, change)
+        .await
+        .map_err(store_error)?
+        .events)
+}
+
+/// The Order service cancels an order; `None` if it is already cancelled
+/// (or another writer changed it meanwhile).
+pub async fn cancel<S: OrderStore>(store: &S, order_id: &str) -> Result<Option<Event>, StoreError> {
+    match service::cancel(
+        store,
+        order_id,
+        Some("customer request"),
+        None,
+        &Meta::default(),
+    )
+    .await
+    {
+        Ok(change) => Ok(change.events.into_iter().next()),
+        Err(ServiceError::Refused(_) | ServiceError::Conflict(_)) => Ok(None),
+        Err(e) => Err(store_error(e)),
+    }
 }
 
 /// Counts read back from the database at the end of a run.
@@ -117,7 +138,7 @@ pub trait Shop: Send + Sync + Clone + 'static {
     ) -> impl Future<Output = Result<Option<Event>, StoreError>> + Send;
 
     /// The Shipping service: applies each event once, inbox records and
-    /// shipments of the whole batch in one transaction; one outcome per event.
+    /// shipments in one transaction; one outcome per event.
     fn ship(
         &self,
         events: &[Event],
@@ -129,14 +150,4 @@ pub trait Shop: Send + Sync + Clone + 'static {
         &self,
         written: &HashSet<EventId>,
     ) -> impl Future<Output = Result<Audit, StoreError>> + Send;
-}
-
-/// The shipment status an event leads to.
-pub fn shipment_status(event_type: &str) -> &'static str {
-    match event_type {
-        "OrderCreated" => "awaiting_payment",
-        "OrderPaid" => "ready_to_ship",
-        "OrderCancelled" => "cancelled",
-        _ => "unknown",
-    }
 }

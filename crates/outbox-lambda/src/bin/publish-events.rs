@@ -48,6 +48,7 @@ async fn main() -> Result<(), Error> {
                 retry_from = report.response.retry_sequence_number(),
                 "stream batch handled"
             );
+            outbox_lambda::emf::emit(&outbox_lambda::emf::stream_metrics(&report));
             Ok::<StreamBatchResponse, Error>(report.response)
         }
     }))
