@@ -24,16 +24,3 @@ pub fn required(var: &'static str, hint: &'static str) -> Result<String, ConfigE
         }),
     }
 }
-
-/// Logs as Lambda wants them: no colours, no timestamps (CloudWatch adds
-/// its own), level from `RUST_LOG` (default `info`).
-pub fn init_lambda_logging() {
-    use tracing_subscriber::EnvFilter;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(false)
-        .without_time()
-        .init();
-}

@@ -8,18 +8,10 @@
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use outbox_dynamodb::LambdaStreamEvent;
 use outbox_lambda::{publish_events_handler, StreamBatchResponse, StreamRelaySettings};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        // CloudWatch stamps and colours nothing itself.
-        .with_ansi(false)
-        .without_time()
-        .init();
+    outbox_lambda::init_logging();
 
     // Built once per execution environment, before the first event.
     let settings = StreamRelaySettings::from_env()?;

@@ -10,17 +10,10 @@ use lambda_runtime::{service_fn, Error, LambdaEvent};
 use outbox_core::{Relay, RelayConfig};
 use outbox_lambda::aws_publisher::{load_checked_config, open_publisher};
 use outbox_lambda::scheduled::{budget_until, report_json, run_scheduled, ScheduledRelaySettings};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(false)
-        .without_time()
-        .init();
+    outbox_lambda::init_logging();
 
     // Built once per execution environment, before the first event.
     let settings = ScheduledRelaySettings::from_env()?;

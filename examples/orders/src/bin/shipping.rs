@@ -15,7 +15,7 @@ use outbox_lambda::IdempotentConsumer;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    orders::config::init_lambda_logging();
+    outbox_lambda::init_logging();
 
     // Built once per execution environment; a missing variable, region,
     // credentials or table fails the init, naming it.

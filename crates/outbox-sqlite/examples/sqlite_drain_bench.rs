@@ -3,8 +3,8 @@
 //! run side by side:
 //!
 //! ```sh
-//! cargo run --release -p outbox-sqlite --example drain_bench -- /tmp/b.db 100000          # drain only
-//! cargo run --release -p outbox-sqlite --example drain_bench -- /tmp/b.db 100000 1000 10  # + steady 1,000/s for 10 s
+//! cargo run --release -p outbox-sqlite --example sqlite_drain_bench -- /tmp/b.db 100000          # drain only
+//! cargo run --release -p outbox-sqlite --example sqlite_drain_bench -- /tmp/b.db 100000 1000 10  # + steady 1,000/s for 10 s
 //! ```
 //!
 //! Writes a backlog of EVENTS (1,000 per transaction, one event per
@@ -74,7 +74,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .get(1)
-        .ok_or("usage: drain_bench FILE [EVENTS] [RATE SECONDS]")?;
+        .ok_or("usage: sqlite_drain_bench FILE [EVENTS] [RATE SECONDS]")?;
     let events = arg(&args, 2, 100_000)?;
     let rate = arg(&args, 3, 0)?;
     let seconds = arg(&args, 4, 10)?;
