@@ -200,7 +200,8 @@ impl SqliteOutbox {
             .bind(&event.metadata.traceparent)
             .bind(&event.metadata.correlation_id)
             .bind(&event.metadata.causation_id)
-            .bind(now)
+            // Due at once (see migration 0003).
+            .bind(0_i64)
             .bind(now)
             .execute(&mut *conn)
             .await

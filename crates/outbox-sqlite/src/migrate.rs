@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../migrations/0002_skipped_dead_letters.sql"),
     ),
+    (3, include_str!("../migrations/0003_lease_table.sql")),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<(), StoreError> {

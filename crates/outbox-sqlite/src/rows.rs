@@ -15,7 +15,8 @@ use crate::error::corrupt;
 use outbox_core::StoreError;
 
 /// `SELECT` of one JSON array holding every row of the subquery `$from`.
-/// Each row is the array decoded by [`decode`].
+/// Each row is the array decoded by [`decode`]. `rows_as_json!(fast, "x";
+/// ...)` selects the expression `x` as a second column.
 ///
 /// `rows_as_json!(fast; ...)` reads the columns as they are, which is what
 /// a claim does; but one text column holding a BLOB (edited by hand, written
@@ -23,19 +24,31 @@ use outbox_core::StoreError;
 /// `rows_as_json!(safe; ...)` then reads every such cell as
 /// `{"blob": LENGTH}`, so only its row is refused.
 macro_rules! rows_as_json {
-    (fast; $($from:expr),+) => {
+    ($read:ident; $($from:expr),+) => {
         concat!(
-            "SELECT json_group_array(json_array(position, id, aggregate_type, aggregate_id,
-                aggregate_version, event_type, payload, occurred_at, traceparent,
-                correlation_id, causation_id, attempts, last_error))
-             FROM (",
+            "SELECT json_group_array(", $crate::rows::row_as_json!($read), ") FROM (",
             $($from,)+
             ")"
         )
     };
-    (safe; $($from:expr),+) => {
+    ($read:ident, $also:expr; $($from:expr),+) => {
         concat!(
-            "SELECT json_group_array(json_array(position,
+            "SELECT json_group_array(", $crate::rows::row_as_json!($read), "), ", $also, " FROM (",
+            $($from,)+
+            ")"
+        )
+    };
+}
+
+/// One row as a JSON array, for [`rows_as_json`].
+macro_rules! row_as_json {
+    (fast) => {
+        "json_array(position, id, aggregate_type, aggregate_id,
+                aggregate_version, event_type, payload, occurred_at, traceparent,
+                correlation_id, causation_id, attempts, last_error)"
+    };
+    (safe) => {
+        "json_array(position,
                 IIF(typeof(id) = 'blob', json_object('blob', length(id)), id),
                 IIF(typeof(aggregate_type) = 'blob', json_object('blob', length(aggregate_type)), aggregate_type),
                 IIF(typeof(aggregate_id) = 'blob', json_object('blob', length(aggregate_id)), aggregate_id),
@@ -47,13 +60,10 @@ macro_rules! rows_as_json {
                 IIF(typeof(correlation_id) = 'blob', json_object('blob', length(correlation_id)), correlation_id),
                 IIF(typeof(causation_id) = 'blob', json_object('blob', length(causation_id)), causation_id),
                 IIF(typeof(attempts) = 'blob', json_object('blob', length(attempts)), attempts),
-                IIF(typeof(last_error) = 'blob', json_object('blob', length(last_error)), last_error)))
-             FROM (",
-            $($from,)+
-            ")"
-        )
+                IIF(typeof(last_error) = 'blob', json_object('blob', length(last_error)), last_error))"
     };
 }
+pub(crate) use row_as_json;
 pub(crate) use rows_as_json;
 
 /// The columns of [`rows_as_json`], in order.

@@ -23,15 +23,26 @@ fn rows_json<'a>(
     serde_json::to_string(&rows.collect::<Vec<_>>()).map_err(|e| StoreError::Backend(Box::new(e)))
 }
 
-/// One settlement statement: `$set` applied to the rows of `?1` still held
-/// under lease `?2`; `f.at` and `f.err` are each row's time and error.
+/// The settling relay's lease is still there: not ended and dropped by
+/// another relay's claim (which may then have taken the events again).
+macro_rules! lease_held {
+    () => {
+        "EXISTS (SELECT 1 FROM outbox_leases WHERE lease_id = ?2)"
+    };
+}
+
+/// One settlement statement: `$set` applied to the pending rows of `?1`
+/// while lease `?2` holds; `f.at` and `f.err` are each row's time and error.
 macro_rules! settle_sql {
     ($set:literal) => {
         concat!(
-            "UPDATE outbox SET ", $set, ", lease_id = NULL
+            "UPDATE outbox SET ",
+            $set,
+            "
              FROM (SELECT value ->> 0 AS pos, value ->> 1 AS at, value ->> 2 AS err
                    FROM json_each(?1)) AS f
-             WHERE outbox.position = f.pos AND outbox.lease_id = ?2 AND outbox.status = 'pending'"
+             WHERE outbox.position = f.pos AND outbox.status = 'pending' AND ",
+            lease_held!()
         )
     };
 }
@@ -45,20 +56,25 @@ macro_rules! settle_all_sql {
         concat!(
             "UPDATE outbox SET ",
             $set,
-            ", lease_id = NULL
-             WHERE position IN (SELECT value FROM json_each(?1))
-               AND lease_id = ?2 AND status = 'pending'"
+            " WHERE position IN (SELECT value FROM json_each(?1)) AND status = 'pending' AND ",
+            lease_held!()
         )
     };
 }
 
 const SETTLE_PUBLISHED: &str = settle_all_sql!("status = 'published', published_at = ?3");
-const SETTLE_RELEASED: &str = settle_all_sql!("next_attempt_at = ?3");
 const SETTLE_RETRY: &str =
     settle_sql!("attempts = attempts + 1, next_attempt_at = f.at, last_error = f.err");
 const SETTLE_DEAD: &str =
     settle_sql!("status = 'dead', attempts = attempts + 1, last_error = f.err");
 const SETTLE_DEFERRED: &str = settle_sql!("next_attempt_at = f.at, last_error = f.err");
+/// Released events need no change (a claim leaves its rows as they were),
+/// only counting: the relay compares what was applied with what it claimed.
+const SETTLE_RELEASED: &str = concat!(
+    "SELECT count(*) FROM outbox
+     WHERE position IN (SELECT value FROM json_each(?1)) AND status = 'pending' AND ",
+    lease_held!()
+);
 
 /// `[position, ...]` as one JSON parameter.
 fn positions_json(positions: &[i64]) -> Result<String, StoreError> {
@@ -76,8 +92,9 @@ impl ClaimSource for SqliteOutbox {
     async fn claim(&self, request: ClaimRequest) -> Result<Claimed<i64>, StoreError> {
         let lease = LeaseId::new();
         let now = Utc::now();
-        let cutoff = request.due_cutoff(now).timestamp_millis();
-        let now = now.timestamp_millis();
+        // `outbox_held` only holds times after 0: before 1970, nothing is due.
+        let cutoff = request.due_cutoff(now).timestamp_millis().max(0);
+        let until = now.timestamp_millis().saturating_add(millis(request.lease));
         let [fast, safe] = match self.dead_letter_policy {
             DeadLetterPolicy::Park => CLAIMABLE_PARKED,
             _ => CLAIMABLE,
@@ -85,11 +102,18 @@ impl ClaimSource for SqliteOutbox {
         // Read and lease in one IMMEDIATE transaction, so two relays (even in
         // two processes) never take the same events.
         let mut tx = self.begin().await?;
+        // Leases that ended unsettled free their aggregates.
+        sqlx::query("DELETE FROM outbox_leases WHERE expires_at <= ?1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?;
         let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
         let written_before = request.written_before.map(|at| at.timestamp_millis());
         let mut rows = Ok(Vec::new());
+        let mut aggregates = String::new();
         for (sql, last) in [(fast, false), (safe, true)] {
-            let json: Result<String, _> = sqlx::query_scalar(sql)
+            let json: Result<(String, String), _> = sqlx::query_as(sql)
                 .bind(cutoff)
                 .bind(limit)
                 .bind(written_before)
@@ -100,7 +124,10 @@ impl ClaimSource for SqliteOutbox {
             match json {
                 Err(e) if !last && is_json_error(&e) => continue,
                 Err(e) => return Err(map(e)),
-                Ok(json) => rows = rows::decode(&json),
+                Ok((json, keys)) => {
+                    rows = rows::decode(&json);
+                    aggregates = keys;
+                }
             }
             if rows.is_ok() {
                 break;
@@ -111,16 +138,12 @@ impl ClaimSource for SqliteOutbox {
             tx.commit().await?;
             return Ok(Claimed::empty(lease));
         }
-        let positions: Vec<i64> = rows.iter().map(rows::position).collect();
-        let positions =
-            serde_json::to_string(&positions).map_err(|e| StoreError::Backend(Box::new(e)))?;
         sqlx::query(
-            "UPDATE outbox SET next_attempt_at = ?1, lease_id = ?2
-             WHERE position IN (SELECT value FROM json_each(?3))",
+            "INSERT INTO outbox_leases (lease_id, expires_at, aggregates) VALUES (?1, ?2, ?3)",
         )
-        .bind(now.saturating_add(millis(request.lease)))
         .bind(lease.to_string())
-        .bind(positions)
+        .bind(until)
+        .bind(aggregates)
         .execute(&mut *tx)
         .await
         .map_err(map)?;
@@ -151,7 +174,6 @@ impl ClaimSource for SqliteOutbox {
         let now = Utc::now().timestamp_millis();
         let statements = [
             (SETTLE_PUBLISHED, positions_json(&s.published)?),
-            (SETTLE_RELEASED, positions_json(&s.released)?),
             (
                 SETTLE_RETRY,
                 rows_json(
@@ -173,6 +195,7 @@ impl ClaimSource for SqliteOutbox {
                 )?,
             ),
         ];
+        let released = positions_json(&s.released)?;
         let lease = lease.to_string();
         let mut tx = self.begin().await?;
         let mut applied = 0;
@@ -188,6 +211,21 @@ impl ClaimSource for SqliteOutbox {
                 .map_err(map)?
                 .rows_affected();
         }
+        if released != "[]" {
+            let count: i64 = sqlx::query_scalar(SETTLE_RELEASED)
+                .bind(released)
+                .bind(&lease)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map)?;
+            applied += u64::try_from(count).unwrap_or(0);
+        }
+        // The relay settles a whole claim at once: its aggregates are free.
+        sqlx::query("DELETE FROM outbox_leases WHERE lease_id = ?1")
+            .bind(&lease)
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -197,24 +235,41 @@ impl ClaimSource for SqliteOutbox {
     }
 }
 
-/// Pending events due by `?1` (and written by `?3`, when given) that no
-/// earlier pending event of their aggregate holds back (not due by `?1`:
-/// backing off, or claimed by another relay); the first `?2` of them in
-/// write order give each aggregate a prefix of its queue. The fast read,
-/// then the one that survives BLOBs (see `rows_as_json!`).
+/// An aggregate as `outbox_leases` keeps it; `$t` qualifies the columns.
+macro_rules! aggregate_key {
+    ($t:literal) => {
+        concat!(
+            "quote(",
+            $t,
+            "aggregate_type) || quote(",
+            $t,
+            "aggregate_id)"
+        )
+    };
+}
+
+/// Pending events due by `?1` (and written by `?3`, when given) whose
+/// aggregate no lease holds and no earlier pending event holds back (not
+/// due by `?1`: backing off or deferred); the first `?2` of them in write
+/// order give each aggregate a prefix of its queue, with the keys of their
+/// aggregates for the lease. The fast read, then the one that survives
+/// BLOBs (see `rows_as_json!`).
 macro_rules! claimable {
     ($read:ident, $parked:expr) => {
-        rows_as_json!($read;
+        rows_as_json!($read, concat!("json_group_array(", aggregate_key!(""), ")");
             "SELECT * FROM outbox AS o
              WHERE o.status = 'pending' AND o.next_attempt_at <= ?1
                AND (?3 IS NULL OR o.created_at <= ?3)
                AND NOT EXISTS (
                  SELECT 1 FROM outbox AS held
-                 WHERE held.status = 'pending'
+                 WHERE held.status = 'pending' AND held.next_attempt_at > 0
                    AND held.aggregate_type = o.aggregate_type
                    AND held.aggregate_id = o.aggregate_id
                    AND held.next_attempt_at > ?1
-                   AND held.position < o.position)",
+                   AND held.position < o.position)
+               AND (NOT EXISTS (SELECT 1 FROM outbox_leases)
+                    OR ", aggregate_key!("o."), " NOT IN (
+                      SELECT k.value FROM outbox_leases AS l, json_each(l.aggregates) AS k))",
             $parked,
             " ORDER BY o.position
              LIMIT ?2"

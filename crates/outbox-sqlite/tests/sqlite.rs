@@ -49,7 +49,7 @@ async fn reopening_does_not_migrate_twice_and_a_newer_schema_is_refused() {
         .fetch_all(outbox.pool())
         .await
         .unwrap();
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 3]);
     sqlx::query("INSERT INTO outbox_schema_migrations (version) VALUES (99)")
         .execute(outbox.pool())
         .await
@@ -58,6 +58,75 @@ async fn reopening_does_not_migrate_twice_and_a_newer_schema_is_refused() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("newer than this build"), "{err}");
+}
+
+/// An outbox of schema version 2, with a backlog and an event leased row by
+/// row by a relay of that version, upgrades in place: the backlog stays
+/// due, the old lease still holds its aggregate, and a relay of the old
+/// version still running is stopped with a clear error.
+#[tokio::test]
+async fn version_2_upgrades_with_its_backlog_and_old_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    for sql in [
+        include_str!("../migrations/0001_outbox_and_inbox.sql"),
+        include_str!("../migrations/0002_skipped_dead_letters.sql"),
+        "CREATE TABLE outbox_schema_migrations (
+            version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP);
+         INSERT INTO outbox_schema_migrations (version) VALUES (1), (2);",
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    }
+    let leased_until = chrono::Utc::now().timestamp_millis() + 60_000;
+    for (aggregate, version, next_attempt_at, lease) in [
+        ("a", 1, 1_000, None),
+        ("a", 2, 1_000, None),
+        ("b", 1, leased_until, Some("old-relay")),
+        ("b", 2, 1_000, None),
+    ] {
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, aggregate_version, event_type,
+                payload, occurred_at, next_attempt_at, lease_id, created_at)
+             VALUES (?1, 'Order', ?2, ?3, 'OrderCreated', '{}', '2026-01-01T00:00:00Z', ?4, ?5, 1000)",
+        )
+        .bind(outbox_core::EventId::new().to_string())
+        .bind(aggregate)
+        .bind(version)
+        .bind(next_attempt_at)
+        .bind(lease)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    let outbox = SqliteOutbox::open(&path).await.expect("upgrade");
+    let claimed = outbox
+        .claim(ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let got: Vec<(String, u64)> = claimed
+        .events
+        .iter()
+        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("a".to_owned(), 1), ("a".to_owned(), 2)],
+        "the old lease must still hold b"
+    );
+
+    // What a relay of version 2 does to lease.
+    let err = sqlx::query(
+        "UPDATE outbox SET next_attempt_at = 1, lease_id = 'x' WHERE aggregate_id = 'a'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("upgrade it"), "{err}");
 }
 
 #[tokio::test]
@@ -84,7 +153,8 @@ async fn claim_uses_the_pending_indexes() {
          SELECT o.position FROM outbox AS o
          WHERE o.status = 'pending' AND o.next_attempt_at <= 0
            AND NOT EXISTS (SELECT 1 FROM outbox AS held
-             WHERE held.status = 'pending' AND held.aggregate_type = o.aggregate_type
+             WHERE held.status = 'pending' AND held.next_attempt_at > 0
+               AND held.aggregate_type = o.aggregate_type
                AND held.aggregate_id = o.aggregate_id AND held.next_attempt_at > 0
                AND held.position < o.position)
          ORDER BY o.position LIMIT 10",
@@ -102,7 +172,7 @@ async fn claim_uses_the_pending_indexes() {
         "outer scan not on the pending index:\n{plan}"
     );
     assert!(
-        plan.contains("SEARCH held USING COVERING INDEX outbox_pending_held"),
+        plan.contains("SEARCH held USING COVERING INDEX outbox_held"),
         "held check not on its index:\n{plan}"
     );
 }
