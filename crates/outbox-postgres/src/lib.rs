@@ -6,6 +6,7 @@ mod inbox;
 mod migrate;
 mod rows;
 mod source;
+mod vacuum;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -112,6 +113,8 @@ pub struct PostgresOutbox {
     listener: Arc<Mutex<Option<PgListener>>>,
     /// How the relays of this process wait (see `wait_for_events`).
     waiting: Arc<std::sync::Mutex<source::Waiting>>,
+    /// The relays' vacuum of the queue tables (see [`vacuum`]).
+    vacuum: Arc<vacuum::QueueVacuum>,
 }
 
 impl PostgresOutbox {
@@ -146,6 +149,7 @@ impl PostgresOutbox {
             synchronous_settlements: false,
             listener: Arc::new(Mutex::new(None)),
             waiting: Arc::default(),
+            vacuum: vacuum::QueueVacuum::new(vacuum::DEFAULT_EVERY),
         }
     }
 
@@ -155,6 +159,7 @@ impl PostgresOutbox {
         self.schema = Arc::new(Schema::new(name)?);
         self.listener = Arc::new(Mutex::new(None));
         self.waiting = Arc::default();
+        self.vacuum = vacuum::QueueVacuum::new(self.vacuum.every());
         Ok(self)
     }
 
@@ -205,6 +210,17 @@ impl PostgresOutbox {
     /// duplicates after a server crash.
     pub fn synchronous_settlements(mut self, on: bool) -> Self {
         self.synchronous_settlements = on;
+        self
+    }
+
+    /// How many settled events between two vacuums of the queue tables by
+    /// this process's relays (default 2,000; 0 leaves them to autovacuum).
+    /// Each published event leaves a dead row at the head of the queue,
+    /// where every claim starts reading, and autovacuum comes at most once
+    /// a minute. The vacuum runs in the background, one at a time, and only
+    /// if this connection's user owns the tables.
+    pub fn queue_vacuum_every(mut self, events: u64) -> Self {
+        self.vacuum = vacuum::QueueVacuum::new(events);
         self
     }
 

@@ -134,6 +134,7 @@ impl ClaimSource for PostgresOutbox {
         .fetch_one(&self.pool)
         .await
         .map_err(map)?;
+        self.vacuum.settled(n as u64, &self.pool, &self.schema);
         Ok(u64::try_from(applied).unwrap_or(0))
     }
 

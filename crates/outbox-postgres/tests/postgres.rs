@@ -444,3 +444,52 @@ async fn commit_wakes_the_relay() {
     .expect("count");
     assert_eq!(row.get::<i64, _>(0), 2);
 }
+
+/// Published events leave dead rows at the head of the queue, where every
+/// claim starts reading: the relays vacuum the queue tables after every
+/// `queue_vacuum_every` settled events, so claims stop paying for them
+/// whether autovacuum runs or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_vacuum_the_queue_they_empty() {
+    let outbox = common::outbox("vacuum", 4).await.queue_vacuum_every(100);
+    let _drop = DropSchema(outbox.schema_name().to_owned());
+    let vacuums = |outbox: PostgresOutbox| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT vacuum_count + autovacuum_count FROM pg_stat_user_tables
+             WHERE schemaname = $1 AND relname = 'outbox_queue'",
+        )
+        .bind(outbox.schema_name().to_owned())
+        .fetch_one(outbox.pool())
+        .await
+        .expect("stats")
+    };
+    let before = vacuums(outbox.clone()).await;
+    for n in 0..250 {
+        write(
+            &outbox,
+            &format!("o-{n}"),
+            &[order_event(&format!("o-{n}"), 1, "OrderPlaced")],
+        )
+        .await
+        .expect("write");
+    }
+    let relay =
+        Relay::new(outbox.clone(), RecordingPublisher::new(), fast_config()).expect("relay");
+    assert_eq!(relay.drain().await.expect("drain").published, 250);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while vacuums(outbox.clone()).await == before {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no vacuum of the queue after 250 settled events"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.outbox_queue",
+        outbox.schema_name()
+    )))
+    .fetch_one(outbox.pool())
+    .await
+    .expect("count");
+    assert_eq!(left, 0, "the queue still holds published events");
+}

@@ -101,6 +101,7 @@ impl StoreUrl {
             schema,
             dead_letters,
             listen,
+            queue_vacuum_every,
         } = self
         else {
             return Err(RegistryError::Unsupported {
@@ -108,13 +109,17 @@ impl StoreUrl {
                 reason: "not a PostgreSQL store".to_owned(),
             });
         };
-        Ok(PostgresOutbox::connect(url)
+        let outbox = PostgresOutbox::connect(url)
             .await
             .map_err(store_error)?
             .schema(schema)
             .map_err(store_error)?
             .dead_letter_policy(*dead_letters)
-            .listen(*listen))
+            .listen(*listen);
+        Ok(match queue_vacuum_every {
+            Some(every) => outbox.queue_vacuum_every(*every),
+            None => outbox,
+        })
     }
 
     /// Fails clearly, pointing to `outbox migrate`, when the schema's tables

@@ -36,6 +36,10 @@ pub enum StoreUrl {
         /// Wake relays by LISTEN/NOTIFY (`listen=false` behind a pooler in
         /// transaction mode, which cannot keep a listening session).
         listen: bool,
+        /// Settled events between two vacuums of the queue tables by the
+        /// relays (`queue_vacuum_every=N`, 0: left to autovacuum); `None`:
+        /// the store's default.
+        queue_vacuum_every: Option<u64>,
     },
 }
 
@@ -187,6 +191,7 @@ fn parse_postgres(url: &str, rest: &str) -> Result<StoreUrl, RegistryError> {
     let mut schema = DEFAULT_POSTGRES_SCHEMA.to_owned();
     let mut dead_letters = DeadLetterPolicy::default();
     let mut listen = true;
+    let mut queue_vacuum_every = None;
     let mut driver = Vec::new();
     for option in query.split('&').filter(|o| !o.is_empty()) {
         match option.split_once('=') {
@@ -211,13 +216,23 @@ fn parse_postgres(url: &str, rest: &str) -> Result<StoreUrl, RegistryError> {
                     format!("listen={other}: expected listen=true or listen=false"),
                 ))
             }
+            Some(("queue_vacuum_every", value)) => {
+                queue_vacuum_every = Some(value.parse().map_err(|_| {
+                    invalid(
+                        url,
+                        format!(
+                            "queue_vacuum_every={value}: expected a number of events (0: never)"
+                        ),
+                    )
+                })?)
+            }
             Some((key, _)) if POSTGRES_DRIVER_OPTIONS.contains(&key) => driver.push(option),
             _ => {
                 return Err(invalid(
                     url,
                     format!(
                         "unknown option `{option}`; known options: schema=NAME, \
-                         dead_letters=continue|park, listen=true|false, {}",
+                         dead_letters=continue|park, listen=true|false, queue_vacuum_every=N, {}",
                         POSTGRES_DRIVER_OPTIONS.join(", ")
                     ),
                 ))
@@ -234,6 +249,7 @@ fn parse_postgres(url: &str, rest: &str) -> Result<StoreUrl, RegistryError> {
         schema,
         dead_letters,
         listen,
+        queue_vacuum_every,
     })
 }
 
@@ -364,6 +380,7 @@ impl fmt::Display for StoreUrl {
                 url,
                 schema,
                 listen,
+                queue_vacuum_every,
                 ..
             } => {
                 // The driver's options already follow a `?`.
@@ -374,6 +391,9 @@ impl fmt::Display for StoreUrl {
                 }
                 if !listen {
                     options.push("listen=false".to_owned());
+                }
+                if let Some(every) = queue_vacuum_every {
+                    options.push(format!("queue_vacuum_every={every}"));
                 }
                 options.extend(
                     driver
@@ -733,6 +753,7 @@ mod tests {
                 schema: "orders_outbox".into(),
                 dead_letters: DeadLetterPolicy::Park,
                 listen: true,
+                queue_vacuum_every: None,
             })
         );
         assert_eq!(
@@ -742,6 +763,7 @@ mod tests {
                 schema: "outbox".into(),
                 dead_letters: DeadLetterPolicy::Continue,
                 listen: false,
+                queue_vacuum_every: None,
             })
         );
         for url in [
@@ -749,6 +771,7 @@ mod tests {
             "postgresql://app@db/shop?schema=orders&dead_letters=park",
             "postgres://app@db:5432/shop?schema=orders&sslmode=require",
             "postgres://app@db:5432/shop?schema=orders&listen=false&sslmode=require",
+            "postgres://app@db:5432/shop?schema=orders&queue_vacuum_every=0",
         ] {
             assert_eq!(store(url).unwrap().to_string(), url);
         }
@@ -776,6 +799,10 @@ mod tests {
             (
                 "postgres://h/db?listen=no",
                 "expected listen=true or listen=false",
+            ),
+            (
+                "postgres://h/db?queue_vacuum_every=-1",
+                "expected a number of events",
             ),
         ] {
             let err = store(url).unwrap_err();
