@@ -131,11 +131,7 @@ async fn a_retry_holds_only_its_aggregate_until_due() {
         .claim(ClaimRequest::new(10, Duration::from_secs(30)))
         .await
         .expect("claim");
-    let got: Vec<(String, u64)> = next
-        .events
-        .iter()
-        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
-        .collect();
+    let got = outbox_testkit::claimed_versions(&next);
     assert_eq!(got, vec![("b".to_owned(), 1)]);
     let mut sent = Settlements::default();
     sent.published = vec![next.events[0].receipt];
@@ -233,11 +229,7 @@ async fn upgrade_from_version_2_keeps_every_event_and_old_leases() {
         .claim(ClaimRequest::new(10, Duration::from_secs(30)))
         .await
         .expect("claim");
-    let got: Vec<(String, u64)> = first
-        .events
-        .iter()
-        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
-        .collect();
+    let got = outbox_testkit::claimed_versions(&first);
     assert_eq!(
         got,
         vec![("free".to_owned(), 1), ("free".to_owned(), 2)],
@@ -249,11 +241,7 @@ async fn upgrade_from_version_2_keeps_every_event_and_old_leases() {
         .claim(ClaimRequest::new(10, Duration::from_secs(30)))
         .await
         .expect("claim");
-    let got: Vec<(String, u64)> = second
-        .events
-        .iter()
-        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
-        .collect();
+    let got = outbox_testkit::claimed_versions(&second);
     assert_eq!(
         got,
         vec![("leased".to_owned(), 1), ("leased".to_owned(), 2)]

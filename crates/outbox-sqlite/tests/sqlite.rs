@@ -108,11 +108,7 @@ async fn version_2_upgrades_with_its_backlog_and_old_leases() {
         .claim(ClaimRequest::new(10, Duration::from_secs(30)))
         .await
         .unwrap();
-    let got: Vec<(String, u64)> = claimed
-        .events
-        .iter()
-        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
-        .collect();
+    let got = outbox_testkit::claimed_versions(&claimed);
     assert_eq!(
         got,
         vec![("a".to_owned(), 1), ("a".to_owned(), 2)],

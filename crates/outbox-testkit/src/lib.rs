@@ -14,7 +14,7 @@ pub use publisher::{PublisherFeatures, PublisherHarness};
 pub use recording::RecordingPublisher;
 pub use store::{StoreFeatures, StoreHarness};
 
-use outbox_core::Event;
+use outbox_core::{Claimed, Event};
 
 /// An event of aggregate `Order`/`aggregate_id` at `version`, with a small payload.
 pub fn order_event(aggregate_id: &str, version: u64, event_type: &str) -> Event {
@@ -23,4 +23,13 @@ pub fn order_event(aggregate_id: &str, version: u64, event_type: &str) -> Event 
         .correlation_id(format!("corr-{aggregate_id}"))
         .build()
         .expect("a well-formed test event")
+}
+
+/// A claim's events as `(aggregate id, version)`, in the order handed out.
+pub fn claimed_versions<R>(claimed: &Claimed<R>) -> Vec<(String, u64)> {
+    claimed
+        .events
+        .iter()
+        .map(|c| (c.event.aggregate_id.clone(), c.event.aggregate_version))
+        .collect()
 }
