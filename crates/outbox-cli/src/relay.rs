@@ -13,12 +13,14 @@ use crate::{shutdown_signal, CliError};
 
 #[derive(Debug, Args)]
 pub struct RelayArgs {
-    #[arg(long)]
+    /// The outbox to drain. From the environment, a password in it stays
+    /// out of the process list.
+    #[arg(long, env = "OUTBOX_STORE", hide_env_values = true)]
     store: StoreUrl,
     /// Where to publish: eventbridge://BUS, sqs://QUEUE, sns://TOPIC_ARN,
     /// nats://HOST:PORT[?stream=NAME&subject=TEMPLATE],
     /// amqp://USER:PASS@HOST:PORT[/VHOST][?exchange=NAME], stdout://, null://.
-    #[arg(long)]
+    #[arg(long, env = "OUTBOX_TO", hide_env_values = true)]
     to: TargetUrl,
     /// CloudEvents `source` of the published events.
     #[arg(long, default_value = outbox_core::publish::DEFAULT_SOURCE)]

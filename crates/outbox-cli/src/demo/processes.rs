@@ -108,11 +108,13 @@ impl RelayProcesses {
             .open(&slot.log)
             .map_err(|e| CliError::Check(format!("cannot open {}: {e}", slot.log.display())))?;
         let s = &self.settings;
+        // The URLs may hold passwords: the environment keeps them out of
+        // the process list, where any user of the machine reads arguments.
         let child = Command::new(&s.exe)
             .arg("relay")
-            .args([
-                "--store", &s.store, "--to", &s.target, "--source", &s.source,
-            ])
+            .env("OUTBOX_STORE", &s.store)
+            .env("OUTBOX_TO", &s.target)
+            .args(["--source", &s.source])
             .args(RELAY_FLAGS)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
