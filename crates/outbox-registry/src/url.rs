@@ -744,6 +744,7 @@ mod tests {
                 schema: "outbox".into(),
                 dead_letters: DeadLetterPolicy::Continue,
                 listen: true,
+                queue_vacuum_every: None,
             })
         );
         assert_eq!(
