@@ -259,8 +259,14 @@ async fn measure<S: EventWriter, P: Publisher + Clone + 'static>(
     }
     let drain_secs = started.elapsed().as_secs_f64();
     if published != args.events {
+        // Say why: a target refusing every event (an unroutable RabbitMQ
+        // exchange, say) leaves its error on the pending events.
+        let why = match store.stats().await.map(|s| s.last_error) {
+            Ok(Some(error)) => format!("; the latest error: {error}"),
+            _ => String::new(),
+        };
         return Err(CliError::Check(format!(
-            "drained {published} of {} events",
+            "drained {published} of {} events{why}",
             args.events
         )));
     }

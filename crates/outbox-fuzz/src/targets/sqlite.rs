@@ -231,7 +231,8 @@ impl SqliteRows {
     }
 
     async fn read(&self, row: &Row) -> Verdict {
-        if let Err(e) = sqlx::query("DELETE FROM outbox")
+        // The previous input's claim is never settled: its lease goes too.
+        if let Err(e) = sqlx::raw_sql("DELETE FROM outbox; DELETE FROM outbox_leases")
             .execute(self.outbox.pool())
             .await
         {
