@@ -62,6 +62,9 @@ const STOP_WAIT: Duration = Duration::from_secs(15);
 const KILL_EVERY_MS: std::ops::Range<u64> = 300..1_500;
 /// Between broker cuts, and how long each lasts, in ms.
 const CUT_EVERY_MS: std::ops::Range<u64> = 500..2_000;
+/// Until the first kill and the first cut, in ms: early, so even a short
+/// run has its faults while events flow.
+const FIRST_FAULT_MS: std::ops::Range<u64> = 150..500;
 const CUT_FOR_MS: std::ops::Range<u64> = 1_000..3_000;
 /// The end of a relay's log shown when it fails, in bytes.
 const LOG_TAIL_BYTES: u64 = 2_000;
@@ -155,16 +158,32 @@ impl RelayProcesses {
         }
         let proxy = self.settings.proxy.as_ref().filter(|_| chaos);
         let mut kills = 0u64;
-        let mut next_kill = after(KILL_EVERY_MS);
-        let mut next_cut = after(CUT_EVERY_MS);
+        let mut next_kill = after(FIRST_FAULT_MS);
+        let mut next_cut = after(FIRST_FAULT_MS);
         let mut cut_until: Option<Instant> = None;
         let mut last_cut: Option<Instant> = None;
+        // Asked to stop before each fault happened once: they happen now,
+        // and the relays stop once the broker is back.
+        let mut stopping = false;
         let outcome = 'supervise: loop {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => break Ok(()),
-                () = tokio::time::sleep(TICK) => {}
+            if stopping {
+                tokio::time::sleep(TICK).await;
+            } else {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s).map(|r| r.is_ok()) => stopping = true,
+                    () = tokio::time::sleep(TICK) => {}
+                }
+            }
+            let faults_done =
+                !chaos || (kills > 0 && (proxy.is_none() || self.cuts.load(Ordering::Relaxed) > 0));
+            if stopping && faults_done && cut_until.is_none() {
+                break Ok(());
             }
             let now = Instant::now();
+            if stopping {
+                next_kill = next_kill.min(now);
+                next_cut = next_cut.min(now);
+            }
             // Relays that exited on their own: a relay started while the
             // broker was cut fails its start-up check; anything else that
             // exits at once is a failure to report.
