@@ -30,6 +30,8 @@ pub(crate) struct QueueVacuum {
     /// Events settled since the last vacuum started.
     settled: AtomicU64,
     running: AtomicBool,
+    /// Whether this user was found to own the tables (asked once).
+    owner: AtomicBool,
 }
 
 impl QueueVacuum {
@@ -38,6 +40,7 @@ impl QueueVacuum {
             every: AtomicU64::new(every),
             settled: AtomicU64::new(0),
             running: AtomicBool::new(false),
+            owner: AtomicBool::new(false),
         })
     }
 
@@ -71,26 +74,28 @@ impl QueueVacuum {
 
     async fn vacuum(&self, pool: &PgPool, schema: &Schema) {
         // Only the tables' owner (or a superuser) may vacuum them; anyone
-        // else would get a warning each time. Asked once a vacuum is due.
-        let owner: Result<bool, _> = sqlx::query_scalar(schema.sql(
-            "SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class
-             WHERE oid = '{schema}.outbox_queue'::regclass",
-        ))
-        .fetch_one(pool)
-        .await;
-        match owner {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!(
-                    schema = schema.name(),
-                    "outbox-postgres: not the owner of the queue tables; their vacuum is left to autovacuum"
-                );
-                self.every.store(0, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "outbox-postgres: cannot vacuum the queue tables");
-                return;
+        // else would get a warning each time. Asked at the first vacuum.
+        if !self.owner.load(Ordering::Relaxed) {
+            let owner: Result<bool, _> = sqlx::query_scalar(schema.sql(
+                "SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class
+                 WHERE oid = '{schema}.outbox_queue'::regclass",
+            ))
+            .fetch_one(pool)
+            .await;
+            match owner {
+                Ok(true) => self.owner.store(true, Ordering::Relaxed),
+                Ok(false) => {
+                    tracing::info!(
+                        schema = schema.name(),
+                        "outbox-postgres: not the owner of the queue tables; their vacuum is left to autovacuum"
+                    );
+                    self.every.store(0, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "outbox-postgres: cannot vacuum the queue tables");
+                    return;
+                }
             }
         }
         // Not in a transaction (VACUUM refuses one): the simple protocol.

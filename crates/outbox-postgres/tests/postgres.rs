@@ -12,7 +12,7 @@ use common::{db, DropSchema};
 use outbox_core::{DeadLetters, Event, Relay, RelayConfig, ReplaySelector, Stats, StoreError};
 use outbox_postgres::PostgresOutbox;
 use outbox_testkit::{order_event, RecordingPublisher};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::AssertSqlSafe;
 
 async fn write(outbox: &PostgresOutbox, key: &str, events: &[Event]) -> Result<(), StoreError> {
     let mut tx = outbox.pool().begin().await.map_err(db)?;
@@ -121,13 +121,7 @@ async fn stale_version_is_a_typed_conflict() {
         .expect("task")
         .expect_err("a stale version was accepted");
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-    let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}.orders",
-        outbox.schema_name()
-    )))
-    .fetch_one(outbox.pool())
-    .await
-    .expect("count");
+    let n = common::count(&outbox, "SELECT count(*) FROM {s}.orders").await;
     assert_eq!(n, 1, "the conflicting transaction's business row stayed");
     write(&outbox, "o-3", &[order_event("o", 3, "OrderShipped")])
         .await
@@ -435,14 +429,12 @@ async fn commit_wakes_the_relay() {
         stop.notify_one();
         running.await.expect("task").expect("relay");
     }
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}.outbox WHERE status = 'published'",
-        outbox.schema_name()
-    )))
-    .fetch_one(outbox.pool())
-    .await
-    .expect("count");
-    assert_eq!(row.get::<i64, _>(0), 2);
+    let published = common::count(
+        &outbox,
+        "SELECT count(*) FROM {s}.outbox WHERE status = 'published'",
+    )
+    .await;
+    assert_eq!(published, 2);
 }
 
 /// Published events leave dead rows at the head of the queue, where every
@@ -484,12 +476,6 @@ async fn relays_vacuum_the_queue_they_empty() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}.outbox_queue",
-        outbox.schema_name()
-    )))
-    .fetch_one(outbox.pool())
-    .await
-    .expect("count");
+    let left = common::count(&outbox, "SELECT count(*) FROM {s}.outbox_queue").await;
     assert_eq!(left, 0, "the queue still holds published events");
 }

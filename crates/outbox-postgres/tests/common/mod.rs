@@ -49,6 +49,15 @@ pub async fn same_outbox(outbox: &PostgresOutbox, url: &str, pool_size: u32) -> 
         .expect("schema name")
 }
 
+/// `SELECT count(*) ...` with `{s}` the outbox's quoted schema.
+pub async fn count(outbox: &PostgresOutbox, sql: &str) -> i64 {
+    let sql = sql.replace("{s}", &format!("\"{}\"", outbox.schema_name()));
+    sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
 /// Drops the test's schema when the test ends (even on a panic).
 pub struct DropSchema(pub String);
 
