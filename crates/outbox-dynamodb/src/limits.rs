@@ -89,14 +89,35 @@ pub fn value_size(value: &AttributeValue) -> usize {
 }
 
 fn number_size(n: &str) -> usize {
-    let mantissa = n
-        .trim_start_matches(['-', '+'])
-        .split(['e', 'E'])
-        .next()
-        .unwrap_or_default();
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    let significant = digits.trim_start_matches('0').trim_end_matches('0').len();
-    significant.div_ceil(2) + 1
+    let unsigned = n.trim_start_matches(['-', '+']);
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().unwrap_or(0)),
+        None => (unsigned, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: String = whole
+        .chars()
+        .chain(fraction.chars())
+        .filter(char::is_ascii_digit)
+        .collect();
+    let digits = digits.trim_start_matches('0');
+    let significant = digits.trim_end_matches('0');
+    if significant.is_empty() {
+        return 1;
+    }
+    // The number is `significant` x 10^low. DynamoDB stores digits in
+    // pairs aligned on the decimal point (base 100), so a digit alone in
+    // its pair at either end still takes a byte: 120 is two pairs (1|20),
+    // not one and a half.
+    let trailing = (digits.len() - significant.len()) as i64;
+    let low = exponent
+        .saturating_sub(fraction.len() as i64)
+        .saturating_add(trailing);
+    let high = low.saturating_add(significant.len() as i64 - 1);
+    let pairs = high.div_euclid(2) - low.div_euclid(2) + 1;
+    usize::try_from(pairs)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1)
 }
 
 /// The bytes one action of a transaction counts for: the whole item for a
@@ -129,6 +150,13 @@ mod tests {
         assert_eq!(number_size("12345"), 4);
         assert_eq!(number_size("-1200"), 2);
         assert_eq!(number_size("0.0012"), 2);
+        // Pairs are aligned on the decimal point: a lone digit at either
+        // end takes a byte of its own.
+        assert_eq!(number_size("120"), 3);
+        assert_eq!(number_size("1795339212340"), 8);
+        assert_eq!(number_size("1795339212345"), 8);
+        assert_eq!(number_size("1.5e3"), 2);
+        assert_eq!(number_size("1.5e4"), 3);
         let item = HashMap::from([
             ("pk".to_owned(), AttributeValue::S("Order#1".into())),
             (
