@@ -90,14 +90,10 @@ impl EventWriter for SqliteOutbox {
 
 impl EventWriter for PostgresOutbox {
     async fn write(&self, events: &[Event]) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await.map_err(backend)?;
-        self.append(&mut tx, events).await?;
-        tx.commit().await.map_err(backend)
+        let mut tx = self.begin().await?;
+        tx.append(events)?;
+        tx.commit().await
     }
-}
-
-fn backend(e: sqlx::Error) -> StoreError {
-    StoreError::Backend(Box::new(e))
 }
 
 /// Most writers or relays a run takes: more would measure the machine's

@@ -5,7 +5,8 @@ pub(crate) fn map(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            if db.is_unique_violation() {
+            // OB409: `outbox_append` found a stale aggregate version.
+            if db.is_unique_violation() || code == "OB409" {
                 StoreError::Conflict(db.message().to_owned())
             } else if matches!(
                 &*code,

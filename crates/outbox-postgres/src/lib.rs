@@ -1,25 +1,33 @@
 #![doc = include_str!("../README.md")]
 
 mod admin;
+mod append;
+mod connections;
 mod error;
 mod inbox;
 mod migrate;
 mod rows;
 mod source;
+mod transaction;
 mod vacuum;
+mod wake;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::{DeadLetterPolicy, Event, StoreError};
 use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio::sync::Mutex;
 
 pub use inbox::PostgresInbox;
 pub use migrate::SCHEMA_VERSION;
+pub use transaction::PostgresTransaction;
 
+use crate::append::{Batch, Wake, APPEND_SQL};
+use crate::connections::RelayConnections;
 use crate::error::map;
+use crate::wake::LocalCommits;
 
 /// Largest payload accepted by default, in bytes. PostgreSQL takes up to
 /// 1 GB in a text column; brokers take far less (EventBridge and SNS:
@@ -76,12 +84,6 @@ impl Schema {
         format!("{}_outbox", self.name)
     }
 
-    /// The transaction-local setting that says the commit trigger has
-    /// woken the relays (or must not).
-    pub(crate) fn woken_setting(&self) -> String {
-        format!("outbox_woken.{}", self.name)
-    }
-
     /// `sql` with `{schema}` (quoted) and `{schema_name}` filled in.
     pub(crate) fn render(&self, sql: &str) -> String {
         sql.replace("{schema}", &self.quoted())
@@ -115,6 +117,10 @@ pub struct PostgresOutbox {
     waiting: Arc<std::sync::Mutex<source::Waiting>>,
     /// The relays' vacuum of the queue tables (see [`vacuum`]).
     vacuum: Arc<vacuum::QueueVacuum>,
+    /// The connections relays claim and settle on (see [`connections`]).
+    relay_connections: Arc<RelayConnections>,
+    /// This process's commits of events to this schema (see [`wake`]).
+    local_commits: Arc<LocalCommits>,
 }
 
 impl PostgresOutbox {
@@ -138,6 +144,8 @@ impl PostgresOutbox {
     /// Uses an existing pool (yours, shared with your business tables).
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
+            local_commits: LocalCommits::of(&pool, DEFAULT_SCHEMA),
+            relay_connections: Arc::default(),
             pool,
             schema: Arc::new(Schema {
                 name: DEFAULT_SCHEMA.to_owned(),
@@ -157,6 +165,7 @@ impl PostgresOutbox {
     /// several outboxes (or test runs) share one database.
     pub fn schema(mut self, name: &str) -> Result<Self, StoreError> {
         self.schema = Arc::new(Schema::new(name)?);
+        self.local_commits = LocalCommits::of(&self.pool, name);
         self.listener = Arc::new(Mutex::new(None));
         self.waiting = Arc::default();
         self.vacuum = vacuum::QueueVacuum::new(self.vacuum.every());
@@ -244,7 +253,9 @@ impl PostgresOutbox {
     }
 
     /// Appends `events` inside the caller's transaction: they are stored if
-    /// and only if it commits.
+    /// and only if it commits. One round trip; [`PostgresOutbox::begin`]
+    /// gives a transaction whose commit carries its events instead, without
+    /// a round trip of their own.
     ///
     /// Every event is checked before anything is written. Each aggregate's
     /// row in `outbox_aggregates` is updated to the newest version appended,
@@ -252,150 +263,27 @@ impl PostgresOutbox {
     /// appended: a concurrent writer of the same aggregate waits for this
     /// transaction to end, so an aggregate's transactions commit in version
     /// order. A version at or below the stored one fails with
-    /// [`StoreError::Conflict`]; roll the transaction back, reload, decide again.
+    /// [`StoreError::Conflict`] and aborts the transaction: roll it back,
+    /// reload, decide again.
     pub async fn append(
         &self,
         conn: &mut PgConnection,
         events: &[Event],
     ) -> Result<(), StoreError> {
-        if events.is_empty() {
+        let batch = Batch::check(events, self.max_payload_bytes)?;
+        if batch.is_empty() {
             return Ok(());
         }
-        // Per aggregate, in first-seen order: (type, id, first, last version).
-        let mut aggregates: Vec<(&str, &str, i64, i64)> = Vec::new();
-        for event in events {
-            event.validate()?;
-            let size = event.payload.as_str().len();
-            if size > self.max_payload_bytes {
-                return Err(StoreError::LimitExceeded {
-                    limit: "payload size in bytes",
-                    actual: size as u64,
-                    max: self.max_payload_bytes as u64,
-                });
-            }
-            // validate() keeps versions within i64.
-            let version = event.aggregate_version as i64;
-            let (t, i) = event.aggregate_key();
-            match aggregates.iter_mut().find(|a| a.0 == t && a.1 == i) {
-                Some(a) if version <= a.3 => {
-                    return Err(StoreError::Conflict(format!(
-                        "{t}/{i}: version {version} appended after version {}; versions must go up",
-                        a.3
-                    )))
-                }
-                Some(a) => a.3 = version,
-                None => aggregates.push((t, i, version, version)),
-            }
-        }
-        let sql = if self.notify { APPEND_NOTIFY } else { APPEND };
-        let row = sqlx::query(self.schema.sql(sql))
-            .bind(aggregates.iter().map(|a| a.0).collect::<Vec<_>>())
-            .bind(aggregates.iter().map(|a| a.1).collect::<Vec<_>>())
-            .bind(aggregates.iter().map(|a| a.2).collect::<Vec<_>>())
-            .bind(aggregates.iter().map(|a| a.3).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.id.to_string()).collect::<Vec<_>>())
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.aggregate_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.aggregate_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.aggregate_version as i64)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.event_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.payload.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.metadata.traceparent.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.metadata.correlation_id.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.metadata.causation_id.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(self.schema.woken_setting())
-            .fetch_one(&mut *conn)
+        let wake = if self.notify {
+            Wake::AtCommit
+        } else {
+            Wake::Never
+        };
+        batch
+            .bind(sqlx::query(self.schema.sql(APPEND_SQL)), wake)
+            .execute(conn)
             .await
             .map_err(map)?;
-        let updated: i64 = row.try_get(0).map_err(map)?;
-        if updated < aggregates.len() as i64 {
-            return Err(StoreError::Conflict(format!(
-                "an aggregate of this append already has its first version or a later one ({})",
-                aggregates
-                    .iter()
-                    .map(|a| format!("{}/{} from version {}", a.0, a.1, a.2))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
         Ok(())
     }
 }
-
-/// The append, in one round trip: bump each aggregate's row under the
-/// version condition, then (only if every aggregate passed) insert the
-/// events. The insert reads the bumped rows, so it runs after the
-/// aggregate's lock is held: positions follow commit order per aggregate.
-macro_rules! append_sql {
-    ($notify:literal) => {
-        concat!(
-            "WITH agg AS (
-                INSERT INTO {schema}.outbox_aggregates AS a (aggregate_type, aggregate_id, first_version, version)
-                SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                ON CONFLICT (aggregate_type, aggregate_id)
-                DO UPDATE SET version = excluded.version, first_version = excluded.first_version
-                WHERE a.version < excluded.first_version
-                RETURNING a.aggregate_type, a.aggregate_id
-            ), ins AS (
-                INSERT INTO {schema}.outbox (id, aggregate_type, aggregate_id, aggregate_version,
-                    event_type, payload, occurred_at, traceparent, correlation_id, causation_id)
-                SELECT e.id, e.t, e.i, e.v, e.et, e.p, e.at, e.tp, e.corr, e.caus
-                FROM unnest($5::text[], $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[],
-                            $11::timestamptz[], $12::text[], $13::text[], $14::text[])
-                     WITH ORDINALITY AS e(id, t, i, v, et, p, at, tp, corr, caus, n)
-                JOIN agg ON agg.aggregate_type = e.t AND agg.aggregate_id = e.i
-                WHERE (SELECT count(*) FROM agg) = cardinality($1::text[])
-                ORDER BY e.n
-                RETURNING 1
-            )
-            SELECT (SELECT count(*) FROM agg), (SELECT count(*) FROM ins)",
-            $notify
-        )
-    };
-}
-
-/// With notifications off: marks the transaction as having woken the
-/// relays already, so the commit trigger (`outbox_wake`) sends nothing.
-const APPEND: &str = append_sql!(", set_config($15::text, 'y', true)");
-/// The commit trigger notifies, if a relay sleeps.
-const APPEND_NOTIFY: &str = append_sql!(", $15::text AS woken_setting");

@@ -11,10 +11,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_outbox.sql")),
     (2, include_str!("../migrations/0002_claim_and_settle.sql")),
     (3, include_str!("../migrations/0003_queue_and_leases.sql")),
+    (4, include_str!("../migrations/0004_append_function.sql")),
 ];
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 pub(crate) async fn run(pool: &PgPool, schema: &Schema) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(map)?;

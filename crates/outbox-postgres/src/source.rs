@@ -11,6 +11,7 @@ use outbox_core::{
     Settlements, StoreError,
 };
 use sqlx::postgres::PgListener;
+use sqlx::PgConnection;
 
 use crate::error::map;
 use crate::rows;
@@ -36,6 +37,9 @@ pub(crate) struct Waiting {
     found_at: Option<Instant>,
     /// When this process set `armed`, if it believes it set.
     armed_at: Option<Instant>,
+    /// This process's commits counted when the latest claim started (see
+    /// [`crate::wake`]).
+    seen_commits: u64,
 }
 
 /// Settlement kinds, as `outbox_settle` reads them.
@@ -53,7 +57,9 @@ impl ClaimSource for PostgresOutbox {
         let lease = LeaseId::new();
         let now = Utc::now();
         let cutoff = request.due_cutoff(now);
+        self.claim_starts();
         // One statement, one round trip: see `outbox_claim_v3` in the migrations.
+        let mut conn = self.relay_connections.take(&self.pool).await?;
         let found = sqlx::query(
             self.schema
                 .sql("SELECT * FROM {schema}.outbox_claim_v3($1, $2::uuid, $3, $4, $5, $6)"),
@@ -64,12 +70,15 @@ impl ClaimSource for PostgresOutbox {
         .bind(cutoff)
         .bind(request.written_before)
         .bind(self.dead_letter_policy == DeadLetterPolicy::Park)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut conn)
         .await
-        .map_err(map)?;
-        if found.is_empty() {
-            return Ok(Claimed::empty(lease).with_next_due(self.next_due(cutoff).await?));
+        .map_err(map);
+        if found.as_ref().is_ok_and(Vec::is_empty) {
+            let next_due = self.next_due(&mut conn, cutoff).await;
+            let next_due = self.done(conn, next_due)?;
+            return Ok(Claimed::empty(lease).with_next_due(next_due));
         }
+        let found = self.done(conn, found)?;
         self.found_events();
         let mut events = Vec::with_capacity(found.len());
         let mut malformed = Vec::new();
@@ -121,7 +130,8 @@ impl ClaimSource for PostgresOutbox {
         for (p, at, e) in s.deferred {
             push(p, DEFERRED, at, e);
         }
-        let applied: i64 = sqlx::query_scalar(
+        let mut conn = self.relay_connections.take(&self.pool).await?;
+        let applied: Result<i64, _> = sqlx::query_scalar(
             self.schema
                 .sql("SELECT {schema}.outbox_settle_v3($1::uuid, $2, $3, $4, $5, $6)"),
         )
@@ -131,16 +141,17 @@ impl ClaimSource for PostgresOutbox {
         .bind(ats)
         .bind(errors)
         .bind(self.synchronous_settlements)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut conn)
         .await
-        .map_err(map)?;
+        .map_err(map);
+        let applied = self.done(conn, applied)?;
         self.vacuum.settled(n as u64, &self.pool, &self.schema);
         Ok(u64::try_from(applied).unwrap_or(0))
     }
 
     async fn wait_for_events(&self, max_wait: Duration) {
         if !self.listen {
-            tokio::time::sleep(max_wait).await;
+            self.pause(max_wait).await;
             return;
         }
         let now = Instant::now();
@@ -149,7 +160,7 @@ impl ClaimSource for PostgresOutbox {
             Err(_) => (None, None),
         };
         if found_at.is_some_and(|at| now.duration_since(at) < LINGER) {
-            tokio::time::sleep(POLL.min(max_wait)).await;
+            self.pause(POLL.min(max_wait)).await;
             return;
         }
         match armed_at {
@@ -157,27 +168,27 @@ impl ClaimSource for PostgresOutbox {
                 // Listen first, so no notification sent once armed is missed.
                 if let Err(e) = self.listening().await {
                     tracing::debug!(error = %e, "outbox-postgres: LISTEN failed; polling");
-                    tokio::time::sleep(max_wait).await;
+                    self.pause(max_wait).await;
                     return;
                 }
                 if let Err(e) = self.set_armed(true).await {
                     tracing::debug!(error = %e, "outbox-postgres: cannot arm the wake-up; polling");
-                    tokio::time::sleep(max_wait).await;
+                    self.pause(max_wait).await;
                     return;
                 }
-                tokio::time::sleep(POLL.min(max_wait)).await;
+                self.pause(POLL.min(max_wait)).await;
             }
             Some(at) if now.duration_since(at) < ARMING_MARGIN => {
-                tokio::time::sleep(POLL.min(max_wait)).await;
+                self.pause(POLL.min(max_wait)).await;
             }
             Some(_) => {
                 let started = Instant::now();
-                match tokio::time::timeout(max_wait, self.notified()).await {
+                match tokio::time::timeout(max_wait, self.notified_or_local()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         // No notifications for now: poll for the rest of the wait.
                         tracing::debug!(error = %e, "outbox-postgres: LISTEN failed; polling");
-                        tokio::time::sleep(max_wait.saturating_sub(started.elapsed())).await;
+                        self.pause(max_wait.saturating_sub(started.elapsed())).await;
                     }
                     Err(_) => {
                         // Nothing came: set the flag again, in case a relay
@@ -193,7 +204,11 @@ impl ClaimSource for PostgresOutbox {
 impl PostgresOutbox {
     /// When the next held event comes due (a backoff ends or a lease
     /// expires), for a claim that found nothing.
-    async fn next_due(&self, cutoff: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn next_due(
+        &self,
+        conn: &mut PgConnection,
+        cutoff: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
         sqlx::query_scalar(self.schema.sql(
             "SELECT least(
                 (SELECT min(next_attempt_at) FROM {schema}.outbox_queue
@@ -201,9 +216,34 @@ impl PostgresOutbox {
                 (SELECT min(expires_at) FROM {schema}.outbox_leases))",
         ))
         .bind(cutoff)
-        .fetch_one(&self.pool)
+        .fetch_one(conn)
         .await
         .map_err(map)
+    }
+
+    /// Gives a relay connection back after its statement, or drops it
+    /// after a failure.
+    fn done<T>(&self, conn: PgConnection, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &result {
+            Ok(_) => self.relay_connections.give_back(conn),
+            Err(e) => self.relay_connections.failed(e),
+        }
+        result
+    }
+
+    /// Notes this process's commits as a claim starts: a commit after this
+    /// point ends the next wait at once.
+    fn claim_starts(&self) {
+        let count = self.local_commits.count();
+        if let Ok(mut w) = self.waiting.lock() {
+            w.seen_commits = count;
+        }
+    }
+
+    /// Sleeps up to `max`, less if this process commits events meanwhile.
+    async fn pause(&self, max: Duration) {
+        let seen = self.waiting.lock().map_or(0, |w| w.seen_commits);
+        self.local_commits.wait(seen, max).await;
     }
 
     /// A claim found events (and cleared `armed` in the same statement):
@@ -218,14 +258,16 @@ impl PostgresOutbox {
     /// Sets or clears the schema's `armed` flag (an unlogged row: no disk
     /// flush), and notes it.
     async fn set_armed(&self, armed: bool) -> Result<(), StoreError> {
-        sqlx::query(
+        let mut conn = self.relay_connections.take(&self.pool).await?;
+        let result = sqlx::query(
             self.schema
                 .sql("UPDATE {schema}.outbox_wake SET armed = $1"),
         )
         .bind(armed)
-        .execute(&self.pool)
+        .execute(&mut conn)
         .await
-        .map_err(map)?;
+        .map_err(map);
+        self.done(conn, result)?;
         if let Ok(mut w) = self.waiting.lock() {
             w.armed_at = armed.then(Instant::now);
         }
@@ -241,6 +283,15 @@ impl PostgresOutbox {
             *slot = Some(listener);
         }
         Ok(())
+    }
+
+    /// Waits for a commit notification, or for a commit of this process.
+    async fn notified_or_local(&self) -> Result<(), StoreError> {
+        let seen = self.waiting.lock().map_or(0, |w| w.seen_commits);
+        tokio::select! {
+            notified = self.notified() => notified,
+            () = self.local_commits.since(seen) => Ok(()),
+        }
     }
 
     /// Waits for one commit notification on the outbox's channel. The

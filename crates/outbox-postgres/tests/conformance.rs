@@ -1,5 +1,7 @@
 //! The PostgreSQL store against the store conformance suite, concurrent
-//! relays included.
+//! relays included: once with `append` as a statement of the caller's
+//! transaction, once with the events carried by the commit
+//! (`PostgresTransaction`).
 
 mod common;
 
@@ -11,6 +13,9 @@ use sqlx::AssertSqlSafe;
 
 struct Postgres {
     outbox: PostgresOutbox,
+    /// Whether writes go through `PostgresTransaction` (events carried by
+    /// the commit) instead of `append`.
+    carried: bool,
     _drop: DropSchema,
 }
 
@@ -20,8 +25,23 @@ impl Postgres {
         let drop = DropSchema(outbox.schema_name().to_owned());
         Self {
             outbox,
+            carried: false,
             _drop: drop,
         }
+    }
+
+    async fn carried() -> Self {
+        Self {
+            carried: true,
+            ..Self::new().await
+        }
+    }
+
+    fn insert_order(&self) -> AssertSqlSafe<String> {
+        AssertSqlSafe(format!(
+            "INSERT INTO {}.orders (id) VALUES ($1)",
+            self.schema()
+        ))
     }
 
     fn schema(&self) -> &str {
@@ -37,15 +57,27 @@ impl StoreHarness for Postgres {
     }
 
     async fn write(&self, key: &str, events: &[Event], commit: bool) -> Result<(), StoreError> {
+        if self.carried {
+            let mut tx = self.outbox.begin().await?;
+            sqlx::query(self.insert_order())
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            // On error `tx` is dropped, which rolls it back.
+            tx.append(events)?;
+            return if commit {
+                tx.commit().await
+            } else {
+                tx.rollback().await
+            };
+        }
         let mut tx = self.outbox.pool().begin().await.map_err(db)?;
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {}.orders (id) VALUES ($1)",
-            self.schema()
-        )))
-        .bind(key)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        sqlx::query(self.insert_order())
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         // On error `tx` is dropped, which rolls it back.
         self.outbox.append(&mut tx, events).await?;
         if commit {
@@ -109,3 +141,9 @@ impl StoreHarness for Postgres {
 }
 
 outbox_testkit::store_conformance!(Postgres::new, StoreFeatures::all());
+
+mod carried_by_the_commit {
+    use super::*;
+
+    outbox_testkit::store_conformance!(Postgres::carried, StoreFeatures::all());
+}

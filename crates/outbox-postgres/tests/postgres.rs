@@ -328,23 +328,36 @@ async fn concurrent_writers_and_relays_keep_order() {
                     .await
                     .expect("read version");
                     let version = current.unwrap_or(0) as u64 + 1;
-                    let mut tx = outbox.pool().begin().await.expect("begin");
-                    let appended = outbox
-                        .append(&mut tx, &[order_event(&agg, version, "OrderUpdated")])
-                        .await;
-                    match appended {
+                    let event = order_event(&agg, version, "OrderUpdated");
+                    // Hold the transaction open: later inserts commit first.
+                    let hold = Duration::from_millis(((w * 7 + n * 13) % 15) as u64);
+                    // Half the writers append with a statement, half let
+                    // the commit carry the event.
+                    let outcome = if w % 2 == 0 {
+                        let mut tx = outbox.pool().begin().await.expect("begin");
+                        match outbox.append(&mut tx, &[event]).await {
+                            Ok(()) => {
+                                tokio::time::sleep(hold).await;
+                                tx.commit().await.expect("commit");
+                                Ok(())
+                            }
+                            Err(e) => {
+                                tx.rollback().await.expect("rollback");
+                                Err(e)
+                            }
+                        }
+                    } else {
+                        let mut tx = outbox.begin().await.expect("begin");
+                        tx.append(&[event]).expect("checked");
+                        tokio::time::sleep(hold).await;
+                        tx.commit().await
+                    };
+                    match outcome {
                         Ok(()) => {
-                            // Hold the transaction open: later inserts commit first.
-                            let hold = (w * 7 + n * 13) % 15;
-                            tokio::time::sleep(Duration::from_millis(hold as u64)).await;
-                            tx.commit().await.expect("commit");
                             written += 1;
                             break;
                         }
-                        Err(StoreError::Conflict(_)) => {
-                            tx.rollback().await.expect("rollback");
-                            conflicts += 1;
-                        }
+                        Err(StoreError::Conflict(_)) => conflicts += 1,
                         Err(e) => panic!("append failed: {e}"),
                     }
                 }
@@ -478,4 +491,204 @@ async fn relays_vacuum_the_queue_they_empty() {
     }
     let left = common::count(&outbox, "SELECT count(*) FROM {s}.outbox_queue").await;
     assert_eq!(left, 0, "the queue still holds published events");
+}
+
+/// A commit that carries its events stores them exactly, whatever their
+/// text holds: quotes, dollar quotes, backslashes, statement separators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_carries_its_events_exactly() {
+    let outbox = common::outbox("carried", 2).await;
+    let _drop = DropSchema(outbox.schema_name().to_owned());
+    let awkward = [
+        "it's",
+        "$o$",
+        "$o1$ $$ $tag$",
+        "back\\slash \\x00 \\n",
+        "'); DROP TABLE orders; --",
+        "; COMMIT; BEGIN",
+        "ünïcødé ✓ 𝄞",
+    ];
+    let mut events = Vec::new();
+    for (n, text) in awkward.iter().enumerate() {
+        let mut event = Event::builder("Order", format!("{text}#{n}"), 1, format!("Type {text}"))
+            .payload(&serde_json::json!({ "text": text, "n": n }))
+            .build()
+            .expect("event");
+        event.metadata.correlation_id = Some((*text).to_owned());
+        event.metadata.causation_id = (n % 2 == 0).then(|| format!("cause {text}"));
+        events.push(event);
+    }
+    // Two versions of one aggregate in the same commit.
+    events.push(order_event("it's#0", 2, "OrderPaid"));
+
+    let mut tx = outbox.begin().await.expect("begin");
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {}.orders (id) VALUES ($1)",
+        outbox.schema_name()
+    )))
+    .bind("carried")
+    .execute(&mut *tx)
+    .await
+    .expect("business row");
+    tx.append(&events[..3]).expect("append");
+    tx.append(&events[3..]).expect("append");
+    tx.commit().await.expect("commit");
+
+    let publisher = RecordingPublisher::new();
+    let relay = Relay::new(outbox.clone(), publisher.clone(), fast_config()).expect("relay");
+    relay.drain().await.expect("drain");
+    let mut received = publisher.received();
+    received.sort_by_key(|e| events.iter().position(|x| x.id == e.id));
+    assert_eq!(received, events);
+    let n = common::count(&outbox, "SELECT count(*) FROM {s}.orders").await;
+    assert_eq!(n, 1);
+}
+
+/// At commit, a stale version fails with a typed conflict and writes
+/// nothing, the business row included; the connection goes back to the
+/// pool clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_version_fails_the_carrying_commit() {
+    let outbox = common::outbox("carried_stale", 1).await;
+    let _drop = DropSchema(outbox.schema_name().to_owned());
+    write(&outbox, "o-1", &[order_event("o", 1, "OrderCreated")])
+        .await
+        .expect("write");
+    let mut tx = outbox.begin().await.expect("begin");
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {}.orders (id) VALUES ('o-2')",
+        outbox.schema_name()
+    )))
+    .execute(&mut *tx)
+    .await
+    .expect("business row");
+    tx.append(&[order_event("o", 1, "OrderCreated")])
+        .expect("checked");
+    let err = tx.commit().await.expect_err("a stale version was accepted");
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("Order/o from version 1")),
+        "{err:?}"
+    );
+    // The pool's one connection is usable and outside any transaction.
+    let n = common::count(&outbox, "SELECT count(*) FROM {s}.orders").await;
+    assert_eq!(n, 1, "the conflicting transaction's business row stayed");
+    assert_eq!(outbox.stats().await.expect("stats").pending, 1);
+    write(&outbox, "o-3", &[order_event("o", 2, "OrderPaid")])
+        .await
+        .expect("the next version is accepted");
+}
+
+/// A transaction dropped without a commit, or rolled back, leaves nothing,
+/// and its connection does not go back to the pool inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_transaction_writes_nothing() {
+    let outbox = common::outbox("carried_drop", 1).await;
+    let _drop = DropSchema(outbox.schema_name().to_owned());
+    let insert = format!(
+        "INSERT INTO {}.orders (id) VALUES ('dropped')",
+        outbox.schema_name()
+    );
+    for rollback in [false, true] {
+        let mut tx = outbox.begin().await.expect("begin");
+        sqlx::query(AssertSqlSafe(insert.clone()))
+            .execute(&mut *tx)
+            .await
+            .expect("business row");
+        // A statement append and a carried one.
+        outbox
+            .append(&mut tx, &[order_event("d", 1, "OrderCreated")])
+            .await
+            .expect("append");
+        tx.append(&[order_event("d", 2, "OrderPaid")])
+            .expect("checked");
+        if rollback {
+            tx.rollback().await.expect("rollback");
+        } else {
+            drop(tx);
+        }
+        let n = common::count(&outbox, "SELECT count(*) FROM {s}.orders").await;
+        assert_eq!(n, 0, "rollback: {rollback}");
+        let s = outbox.stats().await.expect("stats");
+        assert_eq!((s.pending, s.published, s.dead), (0, 0, 0));
+    }
+}
+
+/// A row written by hand after an append, in the same transaction, still
+/// joins the queue (the append's own rows skip the enqueue trigger only
+/// while it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_written_row_after_an_append_is_queued() {
+    let outbox = common::outbox("hand_after", 2).await;
+    let _drop = DropSchema(outbox.schema_name().to_owned());
+    let mut tx = outbox.pool().begin().await.expect("begin");
+    outbox
+        .append(&mut tx, &[order_event("a", 1, "OrderCreated")])
+        .await
+        .expect("append");
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {}.outbox (id, aggregate_type, aggregate_id, aggregate_version,
+             event_type, payload, occurred_at)
+         VALUES ($1, 'Order', 'by-hand', 1, 'OrderCreated', '{{}}', now())",
+        outbox.schema_name()
+    )))
+    .bind(outbox_core::EventId::new().to_string())
+    .execute(&mut *tx)
+    .await
+    .expect("hand-written row");
+    tx.commit().await.expect("commit");
+    let queued = common::count(&outbox, "SELECT count(*) FROM {s}.outbox_queue").await;
+    assert_eq!(queued, 2);
+    let publisher = RecordingPublisher::new();
+    let relay = Relay::new(outbox.clone(), publisher.clone(), fast_config()).expect("relay");
+    relay.drain().await.expect("drain");
+    let mut versions = publisher.versions();
+    versions.sort();
+    assert_eq!(
+        versions,
+        vec![("a".to_owned(), 1), ("by-hand".to_owned(), 1)]
+    );
+}
+
+/// A carrying commit wakes the relays of its process at once, with no
+/// notification and long before their poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_carrying_commit_wakes_this_process_relays() {
+    let outbox = common::outbox("local_wake", 2).await;
+    let _drop = DropSchema(outbox.schema_name().to_owned());
+    // Another outbox value of the same schema, as a relay with a pool of
+    // its own has; no LISTEN, and a poll far away.
+    let relay_store = common::same_outbox(&outbox, &common::url(), 2)
+        .await
+        .listen(false);
+    let publisher = RecordingPublisher::new();
+    let relay = Relay::new(
+        relay_store,
+        publisher.clone(),
+        RelayConfig::default().idle_poll(Duration::from_secs(30)),
+    )
+    .expect("relay");
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let running = {
+        let stop = stop.clone();
+        tokio::spawn(async move { relay.run(async move { stop.notified().await }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 1..=3 {
+        let started = tokio::time::Instant::now();
+        let mut tx = outbox.clone().notify(false).begin().await.expect("begin");
+        tx.append(&[order_event("w", n, "OrderUpdated")])
+            .expect("checked");
+        tx.commit().await.expect("commit");
+        while publisher.received().len() < n as usize {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "commit {n} did not wake the relay"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Idle again before the next commit.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.notify_one();
+    running.await.expect("task").expect("relay");
 }
