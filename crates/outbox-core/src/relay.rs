@@ -395,7 +395,9 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         } else {
             self.config.batch_size
         };
-        let mut request = ClaimRequest::new(limit, self.config.lease);
+        // Only a drain with a deadline waits for the next due event.
+        let mut request =
+            ClaimRequest::new(limit, self.config.lease).wants_next_due(deadline.is_some());
         if let Some(at) = written_before {
             request = request.written_before(at);
         }

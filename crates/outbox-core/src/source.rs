@@ -45,6 +45,11 @@ pub struct ClaimRequest {
     /// was written when it started (and comes due while it runs), so writers
     /// that keep writing cannot keep it going forever.
     pub written_before: Option<DateTime<Utc>>,
+    /// Whether a claim that finds nothing should say when the next held
+    /// event comes due ([`Claimed::next_due`]). A relay that waits for
+    /// commits instead does not ask, which spares a store that needs a
+    /// query of its own for it that query on every empty claim.
+    pub wants_next_due: bool,
 }
 
 impl ClaimRequest {
@@ -54,7 +59,14 @@ impl ClaimRequest {
             lease,
             due_by: None,
             written_before: None,
+            wants_next_due: true,
         }
+    }
+
+    /// Asks for [`Claimed::next_due`] (the default) or not.
+    pub fn wants_next_due(mut self, wanted: bool) -> Self {
+        self.wants_next_due = wanted;
+        self
     }
 
     pub fn written_before(mut self, at: DateTime<Utc>) -> Self {

@@ -8,8 +8,20 @@
 -- The triggers stay for rows written by hand; the function's own rows skip
 -- them (the settings are read as each row is inserted).
 DROP TRIGGER outbox_enqueue ON {schema}.outbox;
-CREATE TRIGGER outbox_enqueue AFTER INSERT ON {schema}.outbox
-    REFERENCING NEW TABLE AS added FOR EACH STATEMENT
+DROP FUNCTION {schema}.outbox_enqueue();
+-- A row trigger with a condition: the function's rows cost one test of a
+-- setting each, where a statement trigger collects every row it inserts.
+CREATE FUNCTION {schema}.outbox_enqueue() RETURNS TRIGGER
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status <> 'published' THEN
+        INSERT INTO {schema}.outbox_queue (position, aggregate_key, aggregate_version, created_at, dead)
+        VALUES (NEW.position, {schema}.outbox_aggregate_key(NEW.aggregate_type, NEW.aggregate_id),
+                NEW.aggregate_version, NEW.created_at, NEW.status = 'dead');
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER outbox_enqueue AFTER INSERT ON {schema}.outbox FOR EACH ROW
     WHEN (current_setting('outbox_appending.{schema_name}', true) IS DISTINCT FROM 'y')
     EXECUTE FUNCTION {schema}.outbox_enqueue();
 DROP TRIGGER outbox_wake ON {schema}.outbox;
@@ -39,9 +51,11 @@ CREATE FUNCTION {schema}.outbox_append(
 RETURNS VOID
 LANGUAGE plpgsql AS $$
 DECLARE
+    bumped_types TEXT[];
+    bumped_ids TEXT[];
     stale TEXT;
 BEGIN
-    WITH bumped AS (
+    WITH b AS (
         INSERT INTO {schema}.outbox_aggregates AS a (aggregate_type, aggregate_id, first_version, version)
         SELECT * FROM unnest(p_a_types, p_a_ids, p_a_firsts, p_a_lasts)
         ON CONFLICT (aggregate_type, aggregate_id)
@@ -49,10 +63,15 @@ BEGIN
         WHERE a.version < excluded.first_version
         RETURNING a.aggregate_type, a.aggregate_id
     )
-    SELECT string_agg(format('%s/%s from version %s', u.t, u.i, u.f), ', ') INTO stale
-    FROM unnest(p_a_types, p_a_ids, p_a_firsts) AS u(t, i, f)
-    WHERE (u.t, u.i) NOT IN (SELECT b.aggregate_type, b.aggregate_id FROM bumped AS b);
-    IF stale IS NOT NULL THEN
+    SELECT array_agg(b.aggregate_type), array_agg(b.aggregate_id) INTO bumped_types, bumped_ids FROM b;
+    IF coalesce(cardinality(bumped_types), 0) < cardinality(p_a_types) THEN
+        -- Every aggregate's row is locked by now: what the others hold is
+        -- what this append lost to.
+        SELECT string_agg(format('%s/%s from version %s (stored: %s)', u.t, u.i, u.f, a.version), ', ')
+        INTO stale
+        FROM unnest(p_a_types, p_a_ids, p_a_firsts) AS u(t, i, f)
+        JOIN {schema}.outbox_aggregates AS a ON a.aggregate_type = u.t AND a.aggregate_id = u.i
+        WHERE (u.t, u.i) NOT IN (SELECT * FROM unnest(bumped_types, bumped_ids));
         RAISE EXCEPTION USING ERRCODE = 'OB409', MESSAGE = format(
             'an aggregate of this append already has its first version or a later one (%s)', stale);
     END IF;

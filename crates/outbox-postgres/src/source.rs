@@ -37,9 +37,6 @@ pub(crate) struct Waiting {
     found_at: Option<Instant>,
     /// When this process set `armed`, if it believes it set.
     armed_at: Option<Instant>,
-    /// This process's commits counted when the latest claim started (see
-    /// [`crate::wake`]).
-    seen_commits: u64,
 }
 
 /// Settlement kinds, as `outbox_settle` reads them.
@@ -57,7 +54,6 @@ impl ClaimSource for PostgresOutbox {
         let lease = LeaseId::new();
         let now = Utc::now();
         let cutoff = request.due_cutoff(now);
-        self.claim_starts();
         // One statement, one round trip: see `outbox_claim_v3` in the migrations.
         let mut conn = self.relay_connections.take(&self.pool).await?;
         let found = sqlx::query(
@@ -74,6 +70,10 @@ impl ClaimSource for PostgresOutbox {
         .await
         .map_err(map);
         if found.as_ref().is_ok_and(Vec::is_empty) {
+            if !request.wants_next_due {
+                self.relay_connections.give_back(conn);
+                return Ok(Claimed::empty(lease));
+            }
             let next_due = self.next_due(&mut conn, cutoff).await;
             let next_due = self.done(conn, next_due)?;
             return Ok(Claimed::empty(lease).with_next_due(next_due));
@@ -160,7 +160,12 @@ impl ClaimSource for PostgresOutbox {
             Err(_) => (None, None),
         };
         if found_at.is_some_and(|at| now.duration_since(at) < LINGER) {
-            self.pause(POLL.min(max_wait)).await;
+            // One relay of the process polls; the others wait for its
+            // commits, or take the next turn.
+            match self.local_commits.poll_turn() {
+                Some(_turn) => self.pause(POLL.min(max_wait)).await,
+                None => self.pause(POLL.saturating_mul(4).min(max_wait)).await,
+            }
             return;
         }
         match armed_at {
@@ -231,19 +236,9 @@ impl PostgresOutbox {
         result
     }
 
-    /// Notes this process's commits as a claim starts: a commit after this
-    /// point ends the next wait at once.
-    fn claim_starts(&self) {
-        let count = self.local_commits.count();
-        if let Ok(mut w) = self.waiting.lock() {
-            w.seen_commits = count;
-        }
-    }
-
     /// Sleeps up to `max`, less if this process commits events meanwhile.
     async fn pause(&self, max: Duration) {
-        let seen = self.waiting.lock().map_or(0, |w| w.seen_commits);
-        self.local_commits.wait(seen, max).await;
+        self.local_commits.wait(max).await;
     }
 
     /// A claim found events (and cleared `armed` in the same statement):
@@ -287,10 +282,9 @@ impl PostgresOutbox {
 
     /// Waits for a commit notification, or for a commit of this process.
     async fn notified_or_local(&self) -> Result<(), StoreError> {
-        let seen = self.waiting.lock().map_or(0, |w| w.seen_commits);
         tokio::select! {
             notified = self.notified() => notified,
-            () = self.local_commits.since(seen) => Ok(()),
+            () = self.local_commits.committed_here() => Ok(()),
         }
     }
 

@@ -4,13 +4,14 @@
 //! listening (notifying commits wait for each other in PostgreSQL; see
 //! `outbox_wake` in the migrations), and a tokio timer rounds that up to
 //! one or two milliseconds. A commit made through
-//! [`crate::PostgresTransaction::commit`] also bumps a counter shared by
-//! every `PostgresOutbox` of the process on the same database and schema,
-//! so a relay waiting in this process claims at once. Relays of other
+//! [`crate::PostgresTransaction::commit`] also wakes one relay of the
+//! process waiting on the same database and schema (every `PostgresOutbox`
+//! value there shares one `LocalCommits`), or, if none waits, the next one
+//! to wait. One is enough: its claim takes whatever is due. Relays of other
 //! processes are not reached this way; they poll, or are notified.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -19,9 +20,19 @@ use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
 pub(crate) struct LocalCommits {
-    /// Commits of events made through this process, ever.
-    count: AtomicU64,
     notify: Notify,
+    /// Whether a relay of the process is taking its turn at the short poll
+    /// (see [`LocalCommits::poll_turn`]).
+    polling: AtomicBool,
+}
+
+/// The turn at the short poll, given back when dropped.
+pub(crate) struct PollTurn<'a>(&'a AtomicBool);
+
+impl Drop for PollTurn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// One `LocalCommits` per database and schema, while any outbox holds it.
@@ -29,8 +40,8 @@ static REGISTRY: LazyLock<Mutex<HashMap<String, Weak<LocalCommits>>>> =
     LazyLock::new(Mutex::default);
 
 impl LocalCommits {
-    /// The counter shared by the outboxes of this process on `pool`'s
-    /// database and `schema`.
+    /// The one shared by the outboxes of this process on `pool`'s database
+    /// and `schema`.
     pub(crate) fn of(pool: &PgPool, schema: &str) -> Arc<Self> {
         let options = pool.connect_options();
         let key = format!(
@@ -51,33 +62,29 @@ impl LocalCommits {
         shared
     }
 
-    pub(crate) fn count(&self) -> u64 {
-        self.count.load(Ordering::Acquire)
-    }
-
     /// A transaction with events committed.
     pub(crate) fn committed(&self) {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        self.notify.notify_waiters();
+        self.notify.notify_one();
     }
 
-    /// Waits up to `max`, less if a commit comes after the count `seen`
-    /// (or came already).
-    pub(crate) async fn wait(&self, seen: u64, max: Duration) {
-        let _ = tokio::time::timeout(max, self.since(seen)).await;
+    /// Waits up to `max`, less if a commit wakes this relay.
+    pub(crate) async fn wait(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.committed_here()).await;
     }
 
-    /// Returns once a commit came after the count `seen`.
-    pub(crate) async fn since(&self, seen: u64) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the count is read again: no commit is missed.
-            notified.as_mut().enable();
-            if self.count() != seen {
-                return;
-            }
-            notified.await;
-        }
+    /// The turn at the short poll that looks for commits of other
+    /// processes while the relays are busy, if no other relay of this
+    /// process has it: one poller finds what every poller would, so
+    /// several relays in one process do not multiply the claims.
+    pub(crate) fn poll_turn(&self) -> Option<PollTurn<'_>> {
+        self.polling
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            .then_some(PollTurn(&self.polling))
+    }
+
+    /// Returns when a commit wakes this relay (or woke none before).
+    pub(crate) async fn committed_here(&self) {
+        self.notify.notified().await;
     }
 }
