@@ -290,13 +290,17 @@ async fn measure<S: EventWriter, P: Publisher + Clone + 'static>(
         Arc::new(Mutex::new(HashMap::with_capacity(total as usize)));
     let period = Duration::from_secs_f64(args.writers as f64 / args.rate as f64);
     let started = Instant::now();
+    let first_tick = tokio::time::Instant::now();
     written.store(0, Ordering::Relaxed);
     for w in 0..args.writers {
         let (store, run, written, commits) =
             (store.clone(), run.clone(), written.clone(), commits.clone());
         let (first, step) = (aggregates + w, args.writers);
+        // Staggered: the writers' ticks spread evenly over the period, so
+        // the rate is steady rather than bursts of one commit per writer.
+        let offset = period.mul_f64(w as f64 / args.writers as f64);
         writers.spawn(async move {
-            let mut ticker = tokio::time::interval(period);
+            let mut ticker = tokio::time::interval_at(first_tick + offset, period);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut aggregate = first;
             while written.fetch_add(1, Ordering::Relaxed) < total {

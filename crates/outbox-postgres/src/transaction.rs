@@ -63,8 +63,12 @@ impl PostgresTransaction {
     }
 
     /// Writes the events and commits, in one round trip. A stale aggregate
-    /// version fails with [`StoreError::Conflict`]; on any failure the
-    /// transaction is rolled back and nothing is written.
+    /// version fails with [`StoreError::Conflict`], and any failure the
+    /// server reports rolls the transaction back: nothing is written. A
+    /// connection lost while the message is on its way leaves the outcome
+    /// unknown, as for any `COMMIT`: look before writing again (a second
+    /// try of the same events then fails with a conflict if the first
+    /// landed).
     pub async fn commit(mut self) -> Result<(), StoreError> {
         let batch = Batch::check(&self.events, self.outbox.max_payload_bytes)?;
         let sql = if batch.is_empty() {
