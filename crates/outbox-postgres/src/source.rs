@@ -27,10 +27,11 @@ const ARMING_MARGIN: Duration = Duration::from_millis(20);
 
 /// How the relays of one process wait for events. A relay that found
 /// events in the last `LINGER` polls every `POLL` (appends do not notify
-/// it: notifying commits wait for each other). Then it sets the schema's
-/// `armed` flag, polls for `ARMING_MARGIN` more, and sleeps until a
-/// notification or `idle_poll`. A claim that finds events (any relay's)
-/// clears the flag.
+/// it: notifying commits wait for each other), one relay of the process at
+/// a time. Then it sets the schema's `armed` flag, polls for
+/// `ARMING_MARGIN` more, and sleeps until a notification or `idle_poll`. A
+/// claim that finds events (any relay's) clears the flag. Every wait also
+/// ends at a commit of this process (see [`crate::wake`]).
 #[derive(Debug, Default)]
 pub(crate) struct Waiting {
     /// When a claim last found events.
