@@ -90,23 +90,23 @@ impl<'a> Batch<'a> {
         self.events.is_empty()
     }
 
-    /// `APPEND_SQL` with this batch bound.
+    /// `APPEND_SQL` with this batch bound. The values are borrowed from
+    /// the events, not copied.
     pub(crate) fn bind<'q>(
         &self,
         query: Query<'q, Postgres, PgArguments>,
         wake: Wake,
-    ) -> Query<'q, Postgres, PgArguments> {
+    ) -> Query<'q, Postgres, PgArguments>
+    where
+        'a: 'q,
+    {
         let a = &self.aggregates;
-        let e = self.events;
-        let text = |f: fn(&Event) -> &str| e.iter().map(|e| f(e).to_owned()).collect::<Vec<_>>();
-        let optional = |f: fn(&Event) -> Option<&str>| {
-            e.iter()
-                .map(|e| f(e).map(str::to_owned))
-                .collect::<Vec<_>>()
-        };
+        let e: &'a [Event] = self.events;
+        let text = |f: fn(&'a Event) -> &'a str| e.iter().map(f).collect::<Vec<_>>();
+        let optional = |f: fn(&'a Event) -> Option<&'a str>| e.iter().map(f).collect::<Vec<_>>();
         query
-            .bind(a.iter().map(|a| a.0.to_owned()).collect::<Vec<_>>())
-            .bind(a.iter().map(|a| a.1.to_owned()).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.0).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.1).collect::<Vec<_>>())
             .bind(a.iter().map(|a| a.2).collect::<Vec<_>>())
             .bind(a.iter().map(|a| a.3).collect::<Vec<_>>())
             .bind(e.iter().map(|e| e.id.to_string()).collect::<Vec<_>>())
@@ -228,24 +228,14 @@ impl<'a> Batch<'a> {
     }
 
     fn strings(&self) -> impl Iterator<Item = &str> {
-        self.events.iter().flat_map(|e| {
-            [
-                Some(e.aggregate_type.as_str()),
-                Some(e.aggregate_id.as_str()),
-                Some(e.event_type.as_str()),
-                Some(e.payload.as_str()),
-                e.metadata.traceparent.as_deref(),
-                e.metadata.correlation_id.as_deref(),
-                e.metadata.causation_id.as_deref(),
-            ]
-            .into_iter()
-            .flatten()
-        })
+        self.events
+            .iter()
+            .flat_map(|e| text_fields(e).into_iter().filter_map(|(_, v)| v))
     }
 }
 
-/// The first text field of `event` holding a NUL character, if any.
-fn text_with_nul(event: &Event) -> Option<&'static str> {
+/// The text fields of `event` that come from the caller, by name.
+fn text_fields(event: &Event) -> [(&'static str, Option<&str>); 7] {
     [
         ("aggregate_type", Some(event.aggregate_type.as_str())),
         ("aggregate_id", Some(event.aggregate_id.as_str())),
@@ -255,8 +245,13 @@ fn text_with_nul(event: &Event) -> Option<&'static str> {
         ("correlation_id", event.metadata.correlation_id.as_deref()),
         ("causation_id", event.metadata.causation_id.as_deref()),
     ]
-    .into_iter()
-    .find_map(|(field, value)| value.is_some_and(|v| v.contains('\0')).then_some(field))
+}
+
+/// The first text field of `event` holding a NUL character, if any.
+fn text_with_nul(event: &Event) -> Option<&'static str> {
+    text_fields(event)
+        .into_iter()
+        .find_map(|(field, value)| value.is_some_and(|v| v.contains('\0')).then_some(field))
 }
 
 #[cfg(test)]

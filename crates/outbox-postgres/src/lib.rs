@@ -274,16 +274,24 @@ impl PostgresOutbox {
         if batch.is_empty() {
             return Ok(());
         }
-        let wake = if self.notify {
-            Wake::AtCommit
-        } else {
-            Wake::Never
-        };
         batch
-            .bind(sqlx::query(self.schema.sql(APPEND_SQL)), wake)
+            .bind(
+                sqlx::query(self.schema.sql(APPEND_SQL)),
+                self.wake(Wake::AtCommit),
+            )
             .execute(conn)
             .await
             .map_err(map)?;
         Ok(())
+    }
+
+    /// Who wakes sleeping relays for an append: `when_notifying`, unless
+    /// notifications are off.
+    pub(crate) fn wake(&self, when_notifying: Wake) -> Wake {
+        if self.notify {
+            when_notifying
+        } else {
+            Wake::Never
+        }
     }
 }

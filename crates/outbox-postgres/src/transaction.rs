@@ -74,11 +74,7 @@ impl PostgresTransaction {
         let sql = if batch.is_empty() {
             "COMMIT".to_owned()
         } else {
-            let wake = if self.outbox.notify {
-                Wake::Now
-            } else {
-                Wake::Never
-            };
+            let wake = self.outbox.wake(Wake::Now);
             format!("{};COMMIT", batch.call_sql(&self.outbox.schema, wake))
         };
         let appended = !batch.is_empty();

@@ -12,20 +12,30 @@ use common::{db, DropSchema};
 use outbox_core::{DeadLetters, Event, Relay, RelayConfig, ReplaySelector, Stats, StoreError};
 use outbox_postgres::PostgresOutbox;
 use outbox_testkit::{order_event, RecordingPublisher};
-use sqlx::AssertSqlSafe;
+use sqlx::{AssertSqlSafe, PgConnection};
 
 async fn write(outbox: &PostgresOutbox, key: &str, events: &[Event]) -> Result<(), StoreError> {
     let mut tx = outbox.pool().begin().await.map_err(db)?;
+    insert_order(outbox, &mut tx, key).await?;
+    outbox.append(&mut tx, events).await?;
+    tx.commit().await.map_err(db)
+}
+
+/// The business change: order `key`, in the caller's transaction.
+async fn insert_order(
+    outbox: &PostgresOutbox,
+    conn: &mut PgConnection,
+    key: &str,
+) -> Result<(), StoreError> {
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {}.orders (id) VALUES ($1)",
         outbox.schema_name()
     )))
     .bind(key)
-    .execute(&mut *tx)
+    .execute(conn)
     .await
     .map_err(db)?;
-    outbox.append(&mut tx, events).await?;
-    tx.commit().await.map_err(db)
+    Ok(())
 }
 
 /// Every aggregate's publishes in strictly increasing version order.
@@ -522,14 +532,9 @@ async fn a_commit_carries_its_events_exactly() {
     events.push(order_event("it's#0", 2, "OrderPaid"));
 
     let mut tx = outbox.begin().await.expect("begin");
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {}.orders (id) VALUES ($1)",
-        outbox.schema_name()
-    )))
-    .bind("carried")
-    .execute(&mut *tx)
-    .await
-    .expect("business row");
+    insert_order(&outbox, &mut tx, "carried")
+        .await
+        .expect("business row");
     tx.append(&events[..3]).expect("append");
     tx.append(&events[3..]).expect("append");
     tx.commit().await.expect("commit");
@@ -555,13 +560,9 @@ async fn a_stale_version_fails_the_carrying_commit() {
         .await
         .expect("write");
     let mut tx = outbox.begin().await.expect("begin");
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {}.orders (id) VALUES ('o-2')",
-        outbox.schema_name()
-    )))
-    .execute(&mut *tx)
-    .await
-    .expect("business row");
+    insert_order(&outbox, &mut tx, "o-2")
+        .await
+        .expect("business row");
     tx.append(&[order_event("o", 1, "OrderCreated")])
         .expect("checked");
     let err = tx.commit().await.expect_err("a stale version was accepted");
@@ -584,14 +585,9 @@ async fn a_stale_version_fails_the_carrying_commit() {
 async fn a_dropped_transaction_writes_nothing() {
     let outbox = common::outbox("carried_drop", 1).await;
     let _drop = DropSchema(outbox.schema_name().to_owned());
-    let insert = format!(
-        "INSERT INTO {}.orders (id) VALUES ('dropped')",
-        outbox.schema_name()
-    );
     for rollback in [false, true] {
         let mut tx = outbox.begin().await.expect("begin");
-        sqlx::query(AssertSqlSafe(insert.clone()))
-            .execute(&mut *tx)
+        insert_order(&outbox, &mut tx, "dropped")
             .await
             .expect("business row");
         // A statement append and a carried one.
