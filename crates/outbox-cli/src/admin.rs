@@ -80,6 +80,7 @@ pub async fn status(
             "oldest_pending_age_s": age.map(|a| a.as_secs_f64()),
             "lost": stats.lost,
             "last_error": stats.last_error,
+            "created_in_future": stats.created_in_future,
         }));
     } else {
         println!("store:      {url}");
@@ -94,6 +95,12 @@ pub async fn status(
             None => println!("oldest pending: none"),
         }
         println!("lost:       {}", stats.lost);
+        if stats.created_in_future > 0 {
+            println!(
+                "created in the future: {} pending event(s) claim a creation time ahead of the store's clock; their age counts from when they were written",
+                stats.created_in_future
+            );
+        }
         println!(
             "last error: {}",
             stats.last_error.as_deref().unwrap_or("none")

@@ -80,15 +80,15 @@ async fn assert_tables(outbox: &PostgresOutbox, s: &Value) -> HashSet<String> {
         n(s, "events_written") as i64
     );
     assert_eq!(
-        count("SELECT count(*) FROM {s}.outbox WHERE status = 'published'").await,
+        count("SELECT count(*) FROM {s}.outbox_events WHERE status = 'published'").await,
         n(s, "events_published") as i64
     );
     assert_eq!(
-        count("SELECT count(*) FROM {s}.outbox WHERE status = 'dead'").await,
+        count("SELECT count(*) FROM {s}.outbox_events WHERE status = 'dead'").await,
         n(s, "dead_lettered") as i64
     );
     assert_eq!(
-        count("SELECT count(*) FROM {s}.outbox WHERE status = 'pending'").await,
+        count("SELECT count(*) FROM {s}.outbox_events WHERE status = 'pending'").await,
         0,
         "nothing pending"
     );
@@ -98,7 +98,7 @@ async fn assert_tables(outbox: &PostgresOutbox, s: &Value) -> HashSet<String> {
     );
     assert_eq!(
         count(
-            "SELECT count(*) FROM {s}.outbox AS o WHERE status != 'dead' AND NOT EXISTS
+            "SELECT count(*) FROM {s}.outbox_events AS o WHERE status != 'dead' AND NOT EXISTS
              (SELECT 1 FROM {s}.inbox AS i WHERE i.event_id::text = o.id)"
         )
         .await,
@@ -117,7 +117,7 @@ async fn assert_tables(outbox: &PostgresOutbox, s: &Value) -> HashSet<String> {
         );
     }
     sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
-        "SELECT id FROM \"{}\".outbox WHERE status = 'published'",
+        "SELECT id FROM \"{}\".outbox_events WHERE status = 'published'",
         outbox.schema_name()
     )))
     .fetch_all(outbox.pool())

@@ -113,12 +113,12 @@ impl Setup {
             "the stream stores each event once"
         );
         assert_eq!(
-            self.count("SELECT count(*) FROM {s}.outbox WHERE status = 'published'")
+            self.count("SELECT count(*) FROM {s}.outbox_events WHERE status = 'published'")
                 .await,
             written.len() as i64
         );
         assert_eq!(
-            self.count("SELECT count(*) FROM {s}.outbox WHERE status != 'published'")
+            self.count("SELECT count(*) FROM {s}.outbox_events WHERE status != 'published'")
                 .await,
             0,
             "nothing pending or dead-lettered"
@@ -283,7 +283,7 @@ async fn the_broker_cut_off_and_restored_mid_run_loses_nothing_and_dead_letters_
     // (to be sent again, a duplicate the stream drops).
     let deadline = Instant::now() + Duration::from_secs(10);
     while setup
-        .count("SELECT count(*) FROM {s}.outbox WHERE status = 'pending'")
+        .count("SELECT count(*) FROM {s}.outbox_events WHERE status = 'pending'")
         .await
         > 0
     {
@@ -305,7 +305,7 @@ async fn the_broker_cut_off_and_restored_mid_run_loses_nothing_and_dead_letters_
         "nothing gets through a cut connection"
     );
     let waiting = setup
-        .count("SELECT count(*) FROM {s}.outbox WHERE status = 'pending'")
+        .count("SELECT count(*) FROM {s}.outbox_events WHERE status = 'pending'")
         .await;
     assert_eq!(waiting, 200, "the events written during the cut wait");
 

@@ -296,6 +296,10 @@ pub struct OutboxStats {
     /// The latest error recorded on a pending event: an outage of the
     /// target shows here while its events wait.
     pub last_error: Option<String>,
+    /// Pending events whose stored creation time was ahead of the store's
+    /// clock when they were written (a writer's clock, or a hand-edited
+    /// row). Their age is counted from when they were written.
+    pub created_in_future: u64,
 }
 
 pub trait Stats: Send + Sync {

@@ -7,51 +7,58 @@ use crate::error::map;
 use crate::rows;
 use crate::PostgresOutbox;
 
-/// Rows deleted per statement when purging, so no statement holds many
-/// row locks or runs long.
-const PURGE_CHUNK: i64 = 5_000;
-
-/// Rows looked at per purge statement: `published_at` is not indexed (so
-/// that publishing is an in-place update), so purging walks the table in
-/// position order, one range at a time.
-const PURGE_RANGE: i64 = 50_000;
+/// Publications (settlements, about a batch of events each) purged per
+/// statement, so no statement holds many row locks or runs long.
+const PURGE_PUBLICATIONS: i32 = 20;
 
 impl Stats for PostgresOutbox {
     async fn stats(&self) -> Result<OutboxStats, StoreError> {
-        type Counts = (i64, i64, i64, Option<DateTime<Utc>>, Option<String>);
-        let (pending, published, dead, oldest, last_error): Counts =
+        type Counts = (i64, i64, i64, Option<DateTime<Utc>>, Option<String>, i64);
+        // Times come from the server's clock (`written_at`), never from a
+        // column a writer filled in: they are always readable and true.
+        let (pending, kept, dead, oldest, last_error, created_ahead): Counts =
             sqlx::query_as(self.schema.sql(
-                "SELECT (SELECT count(*) FROM {schema}.outbox_queue WHERE NOT dead),
-                        (SELECT count(*) FROM {schema}.outbox WHERE status = 'published'),
-                        (SELECT count(*) FROM {schema}.outbox_queue WHERE dead),
-                        (SELECT created_at FROM {schema}.outbox_queue WHERE NOT dead
-                         ORDER BY position LIMIT 1),
-                        (SELECT o.last_error
-                         FROM {schema}.outbox_queue AS q JOIN {schema}.outbox AS o USING (position)
-                         WHERE (q.next_attempt_at IS NOT NULL OR q.dead) AND NOT q.dead
-                           AND o.last_error IS NOT NULL
-                         ORDER BY q.next_attempt_at DESC LIMIT 1)",
+                "SELECT (SELECT count(*) FROM {schema}.outbox_queue),
+                        (SELECT count(*) FROM {schema}.outbox WHERE skipped_at IS NULL),
+                        (SELECT count(*) FROM {schema}.outbox_dead),
+                        (SELECT written_at FROM {schema}.outbox_queue ORDER BY position LIMIT 1),
+                        coalesce(
+                            (SELECT last_error FROM {schema}.outbox_queue
+                             WHERE next_attempt_at IS NOT NULL AND last_error IS NOT NULL
+                             ORDER BY next_attempt_at DESC LIMIT 1),
+                            (SELECT last_error FROM {schema}.outbox_dead
+                             WHERE last_error IS NOT NULL ORDER BY dead_at DESC LIMIT 1)),
+                        (SELECT count(*) FROM {schema}.outbox_queue WHERE created_ahead)",
             ))
             .fetch_one(&self.pool)
             .await
             .map_err(map)?;
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
         let mut stats = OutboxStats::default();
-        stats.pending = u64::try_from(pending).unwrap_or(0);
-        stats.published = u64::try_from(published).unwrap_or(0);
-        stats.dead = u64::try_from(dead).unwrap_or(0);
+        stats.pending = count(pending);
+        stats.dead = count(dead);
+        // Events neither pending nor dead (nor skipped) were published.
+        stats.published = count(kept).saturating_sub(stats.pending + stats.dead);
         stats.oldest_pending_at = oldest;
         stats.last_error = last_error;
+        stats.created_in_future = count(created_ahead);
         Ok(stats)
     }
 }
 
 impl DeadLetters for PostgresOutbox {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let found = sqlx::query(self.schema.sql(
-            "SELECT o.* FROM {schema}.outbox_queue AS q JOIN {schema}.outbox AS o USING (position)
-             WHERE q.dead ORDER BY q.position LIMIT $1",
-        ))
+        let found = sqlx::query(self.schema.sql(&format!(
+            "SELECT {columns} FROM (
+                SELECT array_agg(d.position ORDER BY d.position) AS p,
+                       array_agg(d.attempts ORDER BY d.position) AS a,
+                       array_agg(d.last_error ORDER BY d.position) AS e
+                FROM (SELECT * FROM {{schema}}.outbox_dead ORDER BY position LIMIT $1) AS d) AS letters,
+             {{schema}}.outbox_read(letters.p, letters.a, letters.e, $2)",
+            columns = rows::READ_COLUMNS
+        )))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(self.max_payload_column())
         .fetch_all(&self.pool)
         .await
         .map_err(map)?;
@@ -72,22 +79,22 @@ impl DeadLetters for PostgresOutbox {
     }
 
     async fn replay(&self, which: ReplaySelector) -> Result<u64, StoreError> {
-        // Due now, in the queue again, its attempts reset.
+        // Back in the queue, due now, its attempts reset.
         self.update_dead_letters(
-            "UPDATE {schema}.outbox_queue AS q SET dead = false, next_attempt_at = $1
-             FROM picked WHERE q.position = picked.position RETURNING q.position",
-            "status = 'pending', attempts = 0",
+            "INSERT INTO {schema}.outbox_queue
+                 (position, aggregate_key, aggregate_version, written_at, attempts, last_error)
+             SELECT position, aggregate_key, aggregate_version, clock_timestamp(), 0, last_error
+             FROM gone",
             which,
         )
         .await
     }
 
     async fn skip(&self, which: ReplaySelector) -> Result<u64, StoreError> {
-        // Out of the queue for good; the row stays, marked.
+        // Out of the dead letters for good; the event stays, marked.
         self.update_dead_letters(
-            "DELETE FROM {schema}.outbox_queue AS q USING picked
-             WHERE q.position = picked.position RETURNING q.position",
-            "skipped_at = $1",
+            "UPDATE {schema}.outbox AS o SET skipped_at = now()
+             FROM gone WHERE o.position = gone.position",
             which,
         )
         .await
@@ -95,15 +102,13 @@ impl DeadLetters for PostgresOutbox {
 }
 
 impl PostgresOutbox {
-    /// Applies `queue_change` (a statement on the queue rows of the dead
-    /// letters `picked`, returning their positions) and `set` (on their
-    /// outbox rows) to the selected dead letters, in one statement that may
-    /// use `$1`, now; then wakes the relays: replayed events, or an
-    /// aggregate parked behind a skipped one, are due now.
+    /// Takes the selected dead letters out of `outbox_dead` (as `gone`) and
+    /// applies `then` to them, in one statement; then wakes the relays:
+    /// replayed events, or an aggregate parked behind a skipped one, are
+    /// due now.
     async fn update_dead_letters(
         &self,
-        queue_change: &str,
-        set: &str,
+        then: &str,
         which: ReplaySelector,
     ) -> Result<u64, StoreError> {
         let ids: Option<Vec<String>> = match &which {
@@ -116,20 +121,18 @@ impl PostgresOutbox {
             }
         };
         let sql = format!(
-            "WITH picked AS (
-                SELECT q.position FROM {{schema}}.outbox_queue AS q
-                JOIN {{schema}}.outbox AS o USING (position)
-                WHERE q.dead AND ($2::text[] IS NULL OR o.id = ANY($2::text[]))),
-             queued AS ({queue_change}),
-             changed AS (
-                UPDATE {{schema}}.outbox AS o SET {set}
-                FROM queued WHERE o.position = queued.position
-                RETURNING 1),
-             woken AS (SELECT pg_notify($3, ''))
+            "WITH gone AS (
+                DELETE FROM {{schema}}.outbox_dead AS d
+                WHERE $1::text[] IS NULL OR d.position IN (
+                    SELECT o.position FROM {{schema}}.outbox AS o
+                    JOIN {{schema}}.outbox_dead AS x USING (position)
+                    WHERE o.id = ANY($1::text[]))
+                RETURNING d.*),
+             changed AS ({then} RETURNING 1),
+             woken AS (SELECT pg_notify($2, ''))
              SELECT (SELECT count(*) FROM changed) FROM woken"
         );
         let changed: i64 = sqlx::query_scalar(self.schema.sql(&sql))
-            .bind(Utc::now())
             .bind(ids)
             .bind(self.schema.channel())
             .fetch_one(&self.pool)
@@ -142,38 +145,20 @@ impl PostgresOutbox {
 impl Purge for PostgresOutbox {
     async fn purge_published(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut purged = 0;
-        let mut from: i64 = 0;
         loop {
-            // Deletes up to PURGE_CHUNK old published rows among the next
-            // PURGE_RANGE positions, and says where it stopped.
-            let (deleted, next): (i64, Option<i64>) = sqlx::query_as(self.schema.sql(
-                "WITH range AS (
-                    SELECT position, status, published_at FROM {schema}.outbox
-                    WHERE position >= $2 ORDER BY position LIMIT $4),
-                 picked AS (
-                    SELECT position FROM range
-                    WHERE status = 'published' AND published_at < $1
-                    ORDER BY position LIMIT $3),
-                 gone AS (
-                    DELETE FROM {schema}.outbox AS o USING picked
-                    WHERE o.position = picked.position RETURNING o.position)
-                 SELECT (SELECT count(*) FROM gone),
-                        CASE WHEN (SELECT count(*) FROM picked) = $3
-                             THEN (SELECT max(position) + 1 FROM picked)
-                             ELSE (SELECT max(position) + 1 FROM range) END",
-            ))
+            let (publications, events): (i32, i64) = sqlx::query_as(
+                self.schema
+                    .sql("SELECT * FROM {schema}.outbox_purge($1, $2)"),
+            )
             .bind(before)
-            .bind(from)
-            .bind(PURGE_CHUNK)
-            .bind(PURGE_RANGE)
+            .bind(PURGE_PUBLICATIONS)
             .fetch_one(&self.pool)
             .await
             .map_err(map)?;
-            purged += u64::try_from(deleted).unwrap_or(0);
-            match next {
-                Some(next) => from = next,
-                None => return Ok(purged),
+            if publications == 0 {
+                return Ok(purged);
             }
+            purged += u64::try_from(events).unwrap_or(0);
         }
     }
 }

@@ -285,6 +285,12 @@ impl PostgresOutbox {
         Ok(())
     }
 
+    /// The payload limit as the schema's functions take it: rows over it
+    /// are dead-lettered alone instead of read.
+    pub(crate) fn max_payload_column(&self) -> i32 {
+        i32::try_from(self.max_payload_bytes).unwrap_or(i32::MAX)
+    }
+
     /// Who wakes sleeping relays for an append: `when_notifying`, unless
     /// notifications are off.
     pub(crate) fn wake(&self, when_notifying: Wake) -> Wake {

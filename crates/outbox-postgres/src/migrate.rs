@@ -12,10 +12,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_claim_and_settle.sql")),
     (3, include_str!("../migrations/0003_queue_and_leases.sql")),
     (4, include_str!("../migrations/0004_append_function.sql")),
+    (5, include_str!("../migrations/0005_settle_by_key.sql")),
 ];
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 pub(crate) async fn run(pool: &PgPool, schema: &Schema) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(map)?;

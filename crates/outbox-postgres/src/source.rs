@@ -40,8 +40,7 @@ pub(crate) struct Waiting {
     armed_at: Option<Instant>,
 }
 
-/// Settlement kinds, as `outbox_settle` reads them.
-const PUBLISHED: i16 = 1;
+/// Settlement kinds other than published, as `outbox_settle_v5` reads them.
 const RELEASED: i16 = 2;
 const RETRY: i16 = 3;
 const DEAD: i16 = 4;
@@ -59,7 +58,7 @@ impl ClaimSource for PostgresOutbox {
         let mut conn = self.relay_connections.take(&self.pool).await?;
         let found = sqlx::query(
             self.schema
-                .sql("SELECT * FROM {schema}.outbox_claim_v3($1, $2::uuid, $3, $4, $5, $6)"),
+                .sql("SELECT * FROM {schema}.outbox_claim_v5($1, $2::uuid, $3, $4, $5, $6, $7)"),
         )
         .bind(i32::try_from(request.limit).unwrap_or(i32::MAX))
         .bind(lease.to_string())
@@ -67,6 +66,7 @@ impl ClaimSource for PostgresOutbox {
         .bind(cutoff)
         .bind(request.written_before)
         .bind(self.dead_letter_policy == DeadLetterPolicy::Park)
+        .bind(self.max_payload_column())
         .fetch_all(&mut conn)
         .await
         .map_err(map);
@@ -94,9 +94,8 @@ impl ClaimSource for PostgresOutbox {
                 Err(bad) => malformed.push(Malformed::new(bad.position, bad.reason)),
             }
         }
-        // RETURNING gives no order; the relay needs each aggregate in
-        // version order, which is position order.
-        events.sort_unstable_by_key(|c| c.receipt);
+        // The claim returns events in position order: each aggregate's in
+        // version order, as the relay needs them.
         Ok(Claimed::new(lease, events).with_malformed(malformed))
     }
 
@@ -104,39 +103,40 @@ impl ClaimSource for PostgresOutbox {
         if s.is_empty() {
             return Ok(0);
         }
-        let now = Utc::now();
         let n = s.len();
-        let mut positions = Vec::with_capacity(n);
-        let mut kinds = Vec::with_capacity(n);
-        let mut ats: Vec<DateTime<Utc>> = Vec::with_capacity(n);
-        let mut errors: Vec<String> = Vec::with_capacity(n);
-        let mut push = |p: i64, kind: i16, at: DateTime<Utc>, error: String| {
+        // Sorted, as a claim returns them: the index is then read in order.
+        let mut published = s.published;
+        published.sort_unstable();
+        let others = n - published.len();
+        let mut positions = Vec::with_capacity(others);
+        let mut kinds = Vec::with_capacity(others);
+        let mut ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(others);
+        let mut errors: Vec<Option<String>> = Vec::with_capacity(others);
+        let mut push = |p: i64, kind: i16, at: Option<DateTime<Utc>>, error: Option<String>| {
             positions.push(p);
             kinds.push(kind);
             ats.push(at);
             errors.push(error);
         };
-        for p in s.published {
-            push(p, PUBLISHED, now, String::new());
-        }
         for p in s.released {
-            push(p, RELEASED, now, String::new());
+            push(p, RELEASED, None, None);
         }
         for (p, at, e) in s.retry {
-            push(p, RETRY, at, e);
+            push(p, RETRY, Some(at), Some(e));
         }
         for (p, e) in s.dead {
-            push(p, DEAD, now, e);
+            push(p, DEAD, None, Some(e));
         }
         for (p, at, e) in s.deferred {
-            push(p, DEFERRED, at, e);
+            push(p, DEFERRED, Some(at), Some(e));
         }
         let mut conn = self.relay_connections.take(&self.pool).await?;
         let applied: Result<i64, _> = sqlx::query_scalar(
             self.schema
-                .sql("SELECT {schema}.outbox_settle_v3($1::uuid, $2, $3, $4, $5, $6)"),
+                .sql("SELECT {schema}.outbox_settle_v5($1::uuid, $2, $3, $4, $5, $6, $7)"),
         )
         .bind(lease.to_string())
+        .bind(published)
         .bind(positions)
         .bind(kinds)
         .bind(ats)
@@ -215,16 +215,11 @@ impl PostgresOutbox {
         conn: &mut PgConnection,
         cutoff: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        sqlx::query_scalar(self.schema.sql(
-            "SELECT least(
-                (SELECT min(next_attempt_at) FROM {schema}.outbox_queue
-                 WHERE (next_attempt_at IS NOT NULL OR dead) AND NOT dead AND next_attempt_at > $1),
-                (SELECT min(expires_at) FROM {schema}.outbox_leases))",
-        ))
-        .bind(cutoff)
-        .fetch_one(conn)
-        .await
-        .map_err(map)
+        sqlx::query_scalar(self.schema.sql("SELECT {schema}.outbox_next_due($1)"))
+            .bind(cutoff)
+            .fetch_one(conn)
+            .await
+            .map_err(map)
     }
 
     /// Gives a relay connection back after its statement, or drops it

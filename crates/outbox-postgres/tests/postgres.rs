@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{db, DropSchema};
-use outbox_core::{DeadLetters, Event, Relay, RelayConfig, ReplaySelector, Stats, StoreError};
+use outbox_core::{Event, Relay, RelayConfig, Stats, StoreError};
 use outbox_postgres::PostgresOutbox;
 use outbox_testkit::{order_event, RecordingPublisher};
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -173,119 +173,6 @@ async fn refused_and_rolled_back_writes_leave_nothing() {
     write(&outbox, "r", &[order_event("r", 1, "OrderCreated")])
         .await
         .expect("write");
-}
-
-/// Rows edited by hand into every shape PostgreSQL's types allow but the
-/// envelope refuses: each is dead-lettered alone with its reason and
-/// fields; the events around them flow.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hand_edited_rows_are_dead_lettered_alone() {
-    let outbox = common::outbox("edit", 4).await;
-    let _drop = DropSchema(outbox.schema_name().to_owned());
-    write(
-        &outbox,
-        "a",
-        &[
-            order_event("a", 1, "OrderCreated"),
-            order_event("a", 2, "OrderPaid"),
-        ],
-    )
-    .await
-    .expect("write");
-    let bad = [
-        (
-            "not-a-uuid",
-            "Order",
-            "x1",
-            1i64,
-            "OrderCreated",
-            "{}",
-            "not a UUID",
-        ),
-        ("", "Order", "x2", 0, "OrderCreated", "{}", "id"),
-        (
-            "",
-            "Order",
-            "x3",
-            0,
-            "OrderCreated",
-            "{}",
-            "aggregate_version",
-        ),
-        ("", "Order", "", 1, "OrderCreated", "{}", "aggregate_id"),
-        (
-            "",
-            "Order",
-            "x5",
-            1,
-            "Order\u{7}Created",
-            "{}",
-            "control characters",
-        ),
-        (
-            "",
-            "Order",
-            "x6",
-            1,
-            "OrderCreated",
-            "{\"open\": ",
-            "not valid JSON",
-        ),
-    ];
-    for (i, (id, t, agg, v, et, payload, _)) in bad.iter().enumerate() {
-        // Row 2 has an empty id; the others a fresh UUID unless given.
-        let id = match (i, *id) {
-            (1, _) => String::new(),
-            (_, "") => uuid::Uuid::now_v7().to_string(),
-            (_, id) => id.to_owned(),
-        };
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {}.outbox (id, aggregate_type, aggregate_id, aggregate_version,
-                event_type, payload, occurred_at) VALUES ($1, $2, $3, $4, $5, $6, now())",
-            outbox.schema_name()
-        )))
-        .bind(id)
-        .bind(t)
-        .bind(agg)
-        .bind(v)
-        .bind(et)
-        .bind(payload)
-        .execute(outbox.pool())
-        .await
-        .expect("hand edit");
-    }
-    write(&outbox, "b", &[order_event("b", 1, "OrderCreated")])
-        .await
-        .expect("write");
-    let publisher = RecordingPublisher::new();
-    let relay = Relay::new(outbox.clone(), publisher.clone(), fast_config()).expect("relay");
-    let report = relay.drain().await.expect("drain");
-    assert_eq!(
-        (report.malformed, report.published),
-        (bad.len(), 3),
-        "{report:?}"
-    );
-    let s = outbox.stats().await.expect("stats");
-    assert_eq!((s.pending, s.published, s.dead), (0, 3, bad.len() as u64));
-    let dead = outbox.dead_letters(100).await.expect("dead letters");
-    assert_eq!(dead.len(), bad.len());
-    for (letter, (_, _, agg, _, _, _, reason)) in dead.iter().zip(bad.iter()) {
-        let error = letter.last_error.as_deref().unwrap_or_default();
-        assert!(
-            error.starts_with("malformed:") && error.contains(reason),
-            "{error}"
-        );
-        let raw = letter.raw.as_ref().expect("raw fields kept");
-        assert_eq!(raw["aggregate_id"], *agg, "{raw}");
-        assert!(letter.reference.starts_with("position "), "{letter:?}");
-    }
-    // A replay of all dead letters takes them back; they die again, alone.
-    assert_eq!(
-        outbox.replay(ReplaySelector::All).await.expect("replay"),
-        bad.len() as u64
-    );
-    let report = relay.drain().await.expect("drain");
-    assert_eq!(report.malformed, bad.len(), "{report:?}");
 }
 
 /// Many writers, some on the same aggregates, hold their transactions open
@@ -454,7 +341,7 @@ async fn commit_wakes_the_relay() {
     }
     let published = common::count(
         &outbox,
-        "SELECT count(*) FROM {s}.outbox WHERE status = 'published'",
+        "SELECT count(*) FROM {s}.outbox_events WHERE status = 'published'",
     )
     .await;
     assert_eq!(published, 2);

@@ -100,10 +100,10 @@ impl Shop for PostgresShop {
         let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(self.sql(
             "SELECT (SELECT count(*) FROM {s}.orders),
                     (SELECT count(*) FROM {s}.outbox),
-                    (SELECT count(*) FROM {s}.outbox WHERE status = 'published'),
-                    (SELECT count(*) FROM {s}.outbox WHERE status = 'dead'),
+                    (SELECT count(*) FROM {s}.outbox_events WHERE status = 'published'),
+                    (SELECT count(*) FROM {s}.outbox_events WHERE status = 'dead'),
                     (SELECT count(*) FROM {s}.inbox WHERE consumer = $1),
-                    (SELECT count(*) FROM {s}.outbox AS o WHERE o.status != 'dead' AND NOT EXISTS
+                    (SELECT count(*) FROM {s}.outbox_events AS o WHERE o.status != 'dead' AND NOT EXISTS
                         (SELECT 1 FROM {s}.inbox AS i
                          WHERE i.consumer = $1 AND i.event_id::text = o.id))",
         ))
