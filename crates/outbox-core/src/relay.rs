@@ -35,7 +35,7 @@ use crate::error::{Disposition, PublishError, StoreError};
 use crate::event::Event;
 use crate::publish::{PublishRequest, PublishResult, Publisher};
 use crate::retry::RetryPolicy;
-use crate::source::{ClaimRequest, ClaimSource, ClaimedEvent, Settlements};
+use crate::source::{ClaimRequest, ClaimSource, Claimed, ClaimedEvent, Settlements};
 use crate::time;
 
 /// How a relay batches, waits and retries.
@@ -280,17 +280,34 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         };
         let mut total = BatchReport::default();
         let mut store_failures = 0u32;
+        // The next batch, claimed while the last one was published.
+        let mut ahead: Option<ClaimedBatch<S::Receipt>> = None;
         loop {
             if shutdown.fired() {
+                self.release_ahead(ahead).await;
                 return Ok(total);
             }
-            let report = match self.run_batch(None, None, Some(&mut shutdown)).await {
+            let outcome = match ahead.take() {
+                Some(batch) => {
+                    let (report, next) = self
+                        .publish_and_claim(batch, None, None, Some(&mut shutdown))
+                        .await;
+                    ahead = next;
+                    report
+                }
+                None => {
+                    self.run_batch_or_claim_ahead(None, Some(&mut shutdown), &mut ahead)
+                        .await
+                }
+            };
+            let report = match outcome {
                 Ok(report) => {
                     store_failures = 0;
                     report
                 }
                 Err(e) if e.is_retryable() || matches!(e, StoreError::Backend(_)) => {
                     // The store is down or busy: keep going, with growing pauses.
+                    self.release_ahead(ahead.take()).await;
                     store_failures = store_failures.saturating_add(1);
                     let pause = self
                         .config
@@ -304,11 +321,16 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                         () = tokio::time::sleep(pause) => continue,
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.release_ahead(ahead).await;
+                    return Err(e);
+                }
             };
             total.add(report);
             if let Some(outage) = self.outage().filter(|_| report.deferred > 0) {
-                // The target is down: wait, then probe it with a small claim.
+                // The target is down: hand back what was claimed ahead, wait,
+                // then probe it with a small claim.
+                self.release_ahead(ahead.take()).await;
                 tokio::select! {
                     biased;
                     () = shutdown.wait() => return Ok(total),
@@ -316,13 +338,91 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 }
             }
             // A full batch means more is probably due: go again at once.
-            if report.claimed < self.config.batch_size {
+            if ahead.is_none() && report.claimed < self.config.batch_size {
                 tokio::select! {
                     biased;
                     () = shutdown.wait() => return Ok(total),
                     () = self.source.wait_for_events(self.config.idle_poll) => {}
                 }
             }
+        }
+    }
+
+    /// One claim-publish-settle cycle; when the claim came back full and the
+    /// source allows it, the next claim is made while this batch publishes
+    /// and left in `ahead`.
+    async fn run_batch_or_claim_ahead<F: Future<Output = ()> + ?Sized>(
+        &self,
+        written_before: Option<DateTime<Utc>>,
+        shutdown: Option<&mut Shutdown<'_, F>>,
+        ahead: &mut Option<ClaimedBatch<S::Receipt>>,
+    ) -> Result<BatchReport, StoreError> {
+        let batch = self.claim_batch(None, written_before).await?;
+        if batch.claimed.is_empty() {
+            return Ok(BatchReport {
+                next_due: batch.claimed.next_due,
+                ..BatchReport::default()
+            });
+        }
+        let (report, next) = self
+            .publish_and_claim(batch, None, written_before, shutdown)
+            .await;
+        *ahead = next;
+        report
+    }
+
+    /// Publishes `batch`, claiming the next one meanwhile if `batch` was
+    /// full, the source allows it and the target is up. A failed claim
+    /// ahead is left for the next cycle to make again.
+    async fn publish_and_claim<F: Future<Output = ()> + ?Sized>(
+        &self,
+        batch: ClaimedBatch<S::Receipt>,
+        deadline: Option<Instant>,
+        written_before: Option<DateTime<Utc>>,
+        shutdown: Option<&mut Shutdown<'_, F>>,
+    ) -> (
+        Result<BatchReport, StoreError>,
+        Option<ClaimedBatch<S::Receipt>>,
+    ) {
+        let full = batch.claimed.len() >= self.config.batch_size;
+        if !(full && self.source.claims_ahead() && self.outage().is_none()) {
+            return (self.publish_batch(batch, deadline, shutdown).await, None);
+        }
+        let (report, next) = tokio::join!(
+            self.publish_batch(batch, deadline, shutdown),
+            self.claim_batch(deadline, written_before)
+        );
+        let next = match next {
+            Ok(next) if !next.claimed.is_empty() => Some(next),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "relay: claim ahead failed; claiming again next cycle");
+                None
+            }
+        };
+        (report, next)
+    }
+
+    /// Hands back a batch claimed ahead and not published: its events are
+    /// due again at once, for this relay or another.
+    async fn release_ahead(&self, ahead: Option<ClaimedBatch<S::Receipt>>) {
+        let Some(batch) = ahead else {
+            return;
+        };
+        let mut settlements = Settlements::default();
+        settlements.released = batch
+            .claimed
+            .events
+            .into_iter()
+            .map(|c| c.receipt)
+            .collect();
+        settlements
+            .released
+            .extend(batch.claimed.malformed.into_iter().map(|m| m.receipt));
+        // Never counted as claimed, so not counted as released either.
+        let released = settlements.released.len();
+        if let Err(e) = self.source.settle(batch.claimed.lease, settlements).await {
+            tracing::warn!(error = %e, released, "relay: could not release the batch claimed ahead; its events wait for its lease to end");
         }
     }
 
@@ -334,10 +434,34 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     pub async fn drain(&self) -> Result<BatchReport, StoreError> {
         let started = Utc::now();
         let mut total = BatchReport::default();
+        let mut ahead: Option<ClaimedBatch<S::Receipt>> = None;
         loop {
-            let report = self.run_batch(None, Some(started), NO_SHUTDOWN).await?;
+            let report = match ahead.take() {
+                Some(batch) => {
+                    let (report, next) = self
+                        .publish_and_claim(batch, None, Some(started), NO_SHUTDOWN)
+                        .await;
+                    ahead = next;
+                    report
+                }
+                None => {
+                    self.run_batch_or_claim_ahead(Some(started), NO_SHUTDOWN, &mut ahead)
+                        .await
+                }
+            };
+            let report = match report {
+                Ok(report) => report,
+                Err(e) => {
+                    self.release_ahead(ahead).await;
+                    return Err(e);
+                }
+            };
             total.add(report);
-            if report.claimed == 0 || report.deferred > 0 {
+            if ahead.is_none() && report.claimed == 0 {
+                return Ok(total);
+            }
+            if report.deferred > 0 {
+                self.release_ahead(ahead).await;
                 return Ok(total);
             }
         }
@@ -384,8 +508,24 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         &self,
         deadline: Option<Instant>,
         written_before: Option<DateTime<Utc>>,
-        mut shutdown: Option<&mut Shutdown<'_, F>>,
+        shutdown: Option<&mut Shutdown<'_, F>>,
     ) -> Result<BatchReport, StoreError> {
+        let batch = self.claim_batch(deadline, written_before).await?;
+        if batch.claimed.is_empty() {
+            return Ok(BatchReport {
+                next_due: batch.claimed.next_due,
+                ..BatchReport::default()
+            });
+        }
+        self.publish_batch(batch, deadline, shutdown).await
+    }
+
+    /// One claim, timed from before it was sent (the lease runs from then).
+    async fn claim_batch(
+        &self,
+        deadline: Option<Instant>,
+        written_before: Option<DateTime<Utc>>,
+    ) -> Result<ClaimedBatch<S::Receipt>, StoreError> {
         let started = Instant::now();
         // While the target is down, a claim is only a probe: one call's worth.
         let limit = if self.outage().is_some() {
@@ -405,14 +545,21 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
         });
         self.metrics.claim_seconds.observe(started.elapsed());
-        let claimed = claimed?;
+        Ok(ClaimedBatch {
+            started,
+            claimed: claimed?,
+        })
+    }
+
+    /// Publishes a claimed batch and settles it.
+    async fn publish_batch<F: Future<Output = ()> + ?Sized>(
+        &self,
+        batch: ClaimedBatch<S::Receipt>,
+        deadline: Option<Instant>,
+        mut shutdown: Option<&mut Shutdown<'_, F>>,
+    ) -> Result<BatchReport, StoreError> {
+        let ClaimedBatch { started, claimed } = batch;
         let count = claimed.len();
-        if count == 0 {
-            return Ok(BatchReport {
-                next_due: claimed.next_due,
-                ..BatchReport::default()
-            });
-        }
         self.metrics.batches.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .claimed
@@ -700,6 +847,12 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         }
         results.into_iter().map(Outcome::Sent).collect()
     }
+}
+
+/// A claim and when it was sent.
+struct ClaimedBatch<R> {
+    started: Instant,
+    claimed: Claimed<R>,
 }
 
 /// What became of one event handed to a publish call.

@@ -265,6 +265,15 @@ pub trait ClaimSource: Send + Sync {
     fn close(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         std::future::ready(Ok(()))
     }
+
+    /// Whether a relay may claim its next batch while it still publishes
+    /// the last one. The source must then treat the last claim's lease as
+    /// another relay's: hand out nothing of the aggregates it holds. With a
+    /// backlog, the claim's round trip and the store's work then overlap
+    /// the publishing instead of adding to it. The default is no.
+    fn claims_ahead(&self) -> bool {
+        false
+    }
 }
 
 /// What a dead letter does to the later events of its aggregate.

@@ -191,10 +191,12 @@ BEGIN
     IF coalesce(cardinality(bumped_types), 0) < cardinality(p_a_types) THEN
         -- Every aggregate's row is locked by now: what the others hold is
         -- what this append lost to.
-        SELECT string_agg(format('%s/%s from version %s (stored: %s)', u.t, u.i, u.f, a.version), ', ')
+        -- (Each aggregate's row read by its key, whatever the statistics.)
+        SELECT string_agg(format('%s/%s from version %s (stored: %s)', u.t, u.i, u.f,
+                   (SELECT a.version FROM {schema}.outbox_aggregates AS a
+                    WHERE a.aggregate_type = u.t AND a.aggregate_id = u.i)), ', ')
         INTO stale
         FROM unnest(p_a_types, p_a_ids, p_a_firsts) AS u(t, i, f)
-        JOIN {schema}.outbox_aggregates AS a ON a.aggregate_type = u.t AND a.aggregate_id = u.i
         WHERE (u.t, u.i) NOT IN (SELECT * FROM unnest(bumped_types, bumped_ids));
         RAISE EXCEPTION USING ERRCODE = 'OB409', MESSAGE = format(
             'an aggregate of this append already has its first version or a later one (%s)', stale);

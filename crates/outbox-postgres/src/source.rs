@@ -150,6 +150,11 @@ impl ClaimSource for PostgresOutbox {
         Ok(u64::try_from(applied).unwrap_or(0))
     }
 
+    /// Claims see every relay's leases, this relay's included.
+    fn claims_ahead(&self) -> bool {
+        true
+    }
+
     async fn wait_for_events(&self, max_wait: Duration) {
         if !self.listen {
             self.pause(max_wait).await;

@@ -256,3 +256,166 @@ async fn upgrade_from_version_2_keeps_every_event_and_old_leases() {
     .expect("version");
     assert_eq!(version, outbox_postgres::SCHEMA_VERSION);
 }
+
+/// An outbox at schema version 4 with a backlog, a dead letter, published
+/// events and a relay of version 4 holding a claim and still running, is
+/// upgraded to version 5 in place: the old relay's next call fails with an
+/// error that tells it to upgrade, its claim holds its aggregate until the
+/// lease ends, the backlog stays due in order, the dead letter is listed
+/// and replayable, and the published events can be purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_from_version_4_with_an_old_relay_running() {
+    use outbox_core::{DeadLetters, Purge, ReplaySelector};
+
+    let schema = common::unique_schema("upgrade4");
+    let _drop = DropSchema(schema.clone());
+    let pool = common::pool(&common::url(), 2).await;
+    let mut sql = format!(
+        "CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.outbox_schema_migrations (
+             version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         INSERT INTO {schema}.outbox_schema_migrations (version) VALUES (1), (2), (3), (4);"
+    );
+    for migration in [
+        include_str!("../migrations/0001_outbox.sql"),
+        include_str!("../migrations/0002_claim_and_settle.sql"),
+        include_str!("../migrations/0003_queue_and_leases.sql"),
+        include_str!("../migrations/0004_append_function.sql"),
+    ] {
+        sql.push_str(
+            &migration
+                .replace("{schema}", &format!("\"{schema}\""))
+                .replace("{schema_name}", &schema),
+        );
+    }
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&pool)
+        .await
+        .expect("version 4");
+    let run = |sql: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .map(|_| ())
+        }
+    };
+    // Writers of version 4: three events of each aggregate.
+    for aggregate in ["sent", "dies", "held", "free"] {
+        run(format!(
+            "SELECT \"{schema}\".outbox_append(ARRAY['Order'], ARRAY['{aggregate}'], ARRAY[1::bigint],
+                ARRAY[3::bigint], ARRAY[gen_random_uuid()::text, gen_random_uuid()::text, gen_random_uuid()::text],
+                ARRAY['Order', 'Order', 'Order'], ARRAY['{aggregate}', '{aggregate}', '{aggregate}'],
+                ARRAY[1::bigint, 2, 3], ARRAY['A', 'B', 'C'], ARRAY['{{}}', '{{}}', '{{}}'],
+                ARRAY[now(), now(), now()], ARRAY[NULL::text, NULL, NULL], ARRAY[NULL::text, NULL, NULL],
+                ARRAY[NULL::text, NULL, NULL], 'never')"
+        ))
+        .await
+        .expect("append at version 4");
+    }
+    // A relay of version 4 publishes `sent` and dead-letters `dies` v1...
+    let lease = "11111111-1111-1111-1111-111111111111";
+    run(format!(
+        "WITH c AS (SELECT position, aggregate_id, aggregate_version FROM
+             \"{schema}\".outbox_claim_v3(100, '{lease}', now() + interval '30 s', now(), NULL, false)
+             WHERE aggregate_id IN ('sent', 'dies'))
+         SELECT \"{schema}\".outbox_settle_v3('{lease}',
+             ARRAY(SELECT position FROM c WHERE aggregate_id = 'sent' OR aggregate_version = 1 ORDER BY position),
+             ARRAY(SELECT CASE WHEN aggregate_id = 'sent' THEN 1 ELSE 4 END::smallint FROM c
+                   WHERE aggregate_id = 'sent' OR aggregate_version = 1 ORDER BY position),
+             ARRAY(SELECT now() FROM c WHERE aggregate_id = 'sent' OR aggregate_version = 1),
+             ARRAY(SELECT 'broker refused it' FROM c WHERE aggregate_id = 'sent' OR aggregate_version = 1),
+             true)"
+    ))
+    .await
+    .expect("relay of version 4");
+    // ...and another one holds the rest of `dies` and all of `held` (its
+    // lease ends in 2 s) when the upgrade comes.
+    let old = "22222222-2222-2222-2222-222222222222";
+    run(format!(
+        "DELETE FROM \"{schema}\".outbox_leases;
+         SELECT count(*) FROM \"{schema}\".outbox_claim_v3(5, '{old}', now() + interval '2 s', now(), NULL, false)"
+    ))
+    .await
+    .expect("old claim");
+
+    let outbox = PostgresOutbox::from_pool(pool.clone())
+        .schema(&schema)
+        .expect("schema");
+    outbox.migrate().await.expect("upgrade to version 5");
+
+    let s = outbox.stats().await.expect("stats");
+    assert_eq!((s.pending, s.published, s.dead), (8, 3, 1), "{s:?}");
+    // The old relay, still running, is stopped with a clear message.
+    for call in [
+        format!("SELECT * FROM \"{schema}\".outbox_claim_v3(10, gen_random_uuid(), now() + interval '30 s', now(), NULL, false)"),
+        format!("SELECT \"{schema}\".outbox_settle_v3('{old}', ARRAY[1::bigint], ARRAY[1::smallint], ARRAY[now()], ARRAY[''], true)"),
+    ] {
+        let err = run(call).await.expect_err("an old relay went on");
+        let message = err.to_string();
+        assert!(
+            message.contains("upgraded to version 5") && message.contains("upgrade it"),
+            "{message}"
+        );
+    }
+    // The backlog is due in order; the old claim holds `held` until it ends.
+    let first = outbox
+        .claim(ClaimRequest::new(100, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    assert_eq!(
+        outbox_testkit::claimed_versions(&first),
+        vec![
+            ("free".to_owned(), 1),
+            ("free".to_owned(), 2),
+            ("free".to_owned(), 3),
+        ]
+    );
+    let mut sent = Settlements::default();
+    sent.published = first.events.iter().map(|c| c.receipt).collect();
+    assert_eq!(outbox.settle(first.lease, sent).await.expect("settle"), 3);
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let second = outbox
+        .claim(ClaimRequest::new(100, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    assert_eq!(
+        outbox_testkit::claimed_versions(&second),
+        vec![
+            ("dies".to_owned(), 2),
+            ("dies".to_owned(), 3),
+            ("held".to_owned(), 1),
+            ("held".to_owned(), 2),
+            ("held".to_owned(), 3)
+        ]
+    );
+    let mut sent = Settlements::default();
+    sent.published = second.events.iter().map(|c| c.receipt).collect();
+    outbox.settle(second.lease, sent).await.expect("settle");
+    // The dead letter kept its error and attempts, and replays.
+    let dead = outbox.dead_letters(10).await.expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_error.as_deref(), Some("broker refused it"));
+    assert_eq!(dead[0].attempts, 1);
+    assert_eq!(outbox.replay(ReplaySelector::All).await.expect("replay"), 1);
+    let replayed = outbox
+        .claim(ClaimRequest::new(100, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    assert_eq!(
+        outbox_testkit::claimed_versions(&replayed),
+        vec![("dies".to_owned(), 1)]
+    );
+    let mut sent = Settlements::default();
+    sent.published = replayed.events.iter().map(|c| c.receipt).collect();
+    outbox.settle(replayed.lease, sent).await.expect("settle");
+    // Everything published, before and after the upgrade, can be purged.
+    let purged = outbox
+        .purge_published(chrono::Utc::now() + chrono::Duration::hours(2))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 12);
+    let s = outbox.stats().await.expect("stats");
+    assert_eq!((s.pending, s.published, s.dead), (0, 0, 0), "{s:?}");
+}
