@@ -77,6 +77,12 @@ fn sqlite_rows() {
     short_run("sqlite-rows", 2_000);
 }
 
+/// Through the machine's PostgreSQL: every input writes and reads real rows.
+#[test]
+fn postgres_rows() {
+    short_run("postgres-rows", 2_000);
+}
+
 #[test]
 fn unknown_decoders_are_refused() {
     let err = run_named("nope", &Options::default()).unwrap_err();

@@ -2,6 +2,7 @@
 
 pub mod delivery;
 pub mod items;
+pub mod postgres;
 pub mod sqlite;
 pub mod stream;
 
@@ -16,7 +17,7 @@ pub fn lossy(input: &[u8]) -> Cow<'_, str> {
 }
 
 /// Every decoder, by its `--only` name.
-pub const NAMES: [&str; 9] = [
+pub const NAMES: [&str; 10] = [
     "lambda-stream",
     "streams-api",
     "item-stream-shape",
@@ -26,6 +27,7 @@ pub const NAMES: [&str; 9] = [
     "sns-delivery",
     "eventbridge-delivery",
     "sqlite-rows",
+    "postgres-rows",
 ];
 
 /// Runs the decoder named `name`.
@@ -44,6 +46,7 @@ pub fn run_named(name: &str, options: &Options) -> Result<Stats, String> {
         "sns-delivery" => run(&Delivery::new(Carrier::Sns), options),
         "eventbridge-delivery" => run(&Delivery::new(Carrier::EventBridge), options),
         "sqlite-rows" => run(&sqlite::SqliteRows::new()?, options),
+        "postgres-rows" => run(&postgres::PostgresRows::new()?, options),
         other => {
             return Err(format!(
                 "no decoder named `{other}`; known: {}",
