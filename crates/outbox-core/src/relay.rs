@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
 use crate::error::{Disposition, PublishError, StoreError};
@@ -280,26 +280,13 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         };
         let mut total = BatchReport::default();
         let mut store_failures = 0u32;
-        // The next batch, claimed while the last one was published.
-        let mut ahead: Option<ClaimedBatch<S::Receipt>> = None;
+        let mut ahead = Ahead::default();
         loop {
             if shutdown.fired() {
                 self.release_ahead(ahead).await;
                 return Ok(total);
             }
-            let outcome = match ahead.take() {
-                Some(batch) => {
-                    let (report, next) = self
-                        .publish_and_claim(batch, None, None, Some(&mut shutdown))
-                        .await;
-                    ahead = next;
-                    report
-                }
-                None => {
-                    self.run_batch_or_claim_ahead(None, Some(&mut shutdown), &mut ahead)
-                        .await
-                }
-            };
+            let outcome = self.next_batch(&mut ahead, None, Some(&mut shutdown)).await;
             let report = match outcome {
                 Ok(report) => {
                     store_failures = 0;
@@ -307,7 +294,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 }
                 Err(e) if e.is_retryable() || matches!(e, StoreError::Backend(_)) => {
                     // The store is down or busy: keep going, with growing pauses.
-                    self.release_ahead(ahead.take()).await;
+                    self.release_ahead(std::mem::take(&mut ahead)).await;
                     store_failures = store_failures.saturating_add(1);
                     let pause = self
                         .config
@@ -330,7 +317,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             if let Some(outage) = self.outage().filter(|_| report.deferred > 0) {
                 // The target is down: hand back what was claimed ahead, wait,
                 // then probe it with a small claim.
-                self.release_ahead(ahead.take()).await;
+                self.release_ahead(std::mem::take(&mut ahead)).await;
                 tokio::select! {
                     biased;
                     () = shutdown.wait() => return Ok(total),
@@ -338,7 +325,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 }
             }
             // A full batch means more is probably due: go again at once.
-            if ahead.is_none() && report.claimed < self.config.batch_size {
+            if ahead.is_empty() && report.claimed < self.config.batch_size {
                 tokio::select! {
                     biased;
                     () = shutdown.wait() => return Ok(total),
@@ -348,81 +335,66 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// One claim-publish-settle cycle; when the claim came back full and the
-    /// source allows it, the next claim is made while this batch publishes
-    /// and left in `ahead`.
-    async fn run_batch_or_claim_ahead<F: Future<Output = ()> + ?Sized>(
-        &self,
+    /// Claims made ahead, at most this many at once, while a batch
+    /// publishes: each claim's round trip and decoding then overlap the
+    /// store's work on the next one and the publishing of the last.
+    const CLAIMS_AHEAD: usize = 2;
+
+    /// One claim-publish-settle cycle, taking the batch claimed ahead if
+    /// there is one. While a full batch publishes, and when the source
+    /// allows it, the next claims are made (see [`ClaimSource::claims_ahead`]).
+    async fn next_batch<'a, F: Future<Output = ()> + ?Sized>(
+        &'a self,
+        ahead: &mut Ahead<'a, S::Receipt>,
         written_before: Option<DateTime<Utc>>,
         shutdown: Option<&mut Shutdown<'_, F>>,
-        ahead: &mut Option<ClaimedBatch<S::Receipt>>,
     ) -> Result<BatchReport, StoreError> {
-        let batch = self.claim_batch(None, written_before).await?;
+        let batch = match ahead.next().await {
+            Some(batch) => batch?,
+            None => self.claim_batch(None, written_before).await?,
+        };
         if batch.claimed.is_empty() {
             return Ok(BatchReport {
                 next_due: batch.claimed.next_due,
                 ..BatchReport::default()
             });
         }
-        let (report, next) = self
-            .publish_and_claim(batch, None, written_before, shutdown)
-            .await;
-        *ahead = next;
-        report
-    }
-
-    /// Publishes `batch`, claiming the next one meanwhile if `batch` was
-    /// full, the source allows it and the target is up. A failed claim
-    /// ahead is left for the next cycle to make again.
-    async fn publish_and_claim<F: Future<Output = ()> + ?Sized>(
-        &self,
-        batch: ClaimedBatch<S::Receipt>,
-        deadline: Option<Instant>,
-        written_before: Option<DateTime<Utc>>,
-        shutdown: Option<&mut Shutdown<'_, F>>,
-    ) -> (
-        Result<BatchReport, StoreError>,
-        Option<ClaimedBatch<S::Receipt>>,
-    ) {
         let full = batch.claimed.len() >= self.config.batch_size;
-        if !(full && self.source.claims_ahead() && self.outage().is_none()) {
-            return (self.publish_batch(batch, deadline, shutdown).await, None);
-        }
-        let (report, next) = tokio::join!(
-            self.publish_batch(batch, deadline, shutdown),
-            self.claim_batch(deadline, written_before)
-        );
-        let next = match next {
-            Ok(next) if !next.claimed.is_empty() => Some(next),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::debug!(error = %e, "relay: claim ahead failed; claiming again next cycle");
-                None
+        if full && self.source.claims_ahead() && self.outage().is_none() {
+            while ahead.len() < Self::CLAIMS_AHEAD {
+                ahead.push(Box::pin(self.claim_batch(None, written_before)));
             }
-        };
-        (report, next)
+        }
+        ahead
+            .while_running(self.publish_batch(batch, None, shutdown))
+            .await
     }
 
-    /// Hands back a batch claimed ahead and not published: its events are
-    /// due again at once, for this relay or another.
-    async fn release_ahead(&self, ahead: Option<ClaimedBatch<S::Receipt>>) {
-        let Some(batch) = ahead else {
-            return;
-        };
-        let mut settlements = Settlements::default();
-        settlements.released = batch
-            .claimed
-            .events
-            .into_iter()
-            .map(|c| c.receipt)
-            .collect();
-        settlements
-            .released
-            .extend(batch.claimed.malformed.into_iter().map(|m| m.receipt));
-        // Never counted as claimed, so not counted as released either.
-        let released = settlements.released.len();
-        if let Err(e) = self.source.settle(batch.claimed.lease, settlements).await {
-            tracing::warn!(error = %e, released, "relay: could not release the batch claimed ahead; its events wait for its lease to end");
+    /// Hands back the batches claimed ahead and not published: their events
+    /// are due again at once, for this relay or another.
+    async fn release_ahead(&self, mut ahead: Ahead<'_, S::Receipt>) {
+        while let Some(batch) = ahead.next().await {
+            let Ok(batch) = batch else { continue };
+            let mut settlements = Settlements {
+                released: batch
+                    .claimed
+                    .events
+                    .into_iter()
+                    .map(|c| c.receipt)
+                    .collect(),
+                ..Settlements::default()
+            };
+            settlements
+                .released
+                .extend(batch.claimed.malformed.into_iter().map(|m| m.receipt));
+            if settlements.released.is_empty() {
+                continue;
+            }
+            // Never counted as claimed, so not counted as released either.
+            let released = settlements.released.len();
+            if let Err(e) = self.source.settle(batch.claimed.lease, settlements).await {
+                tracing::warn!(error = %e, released, "relay: could not release a batch claimed ahead; its events wait for its lease to end");
+            }
         }
     }
 
@@ -434,22 +406,12 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
     pub async fn drain(&self) -> Result<BatchReport, StoreError> {
         let started = Utc::now();
         let mut total = BatchReport::default();
-        let mut ahead: Option<ClaimedBatch<S::Receipt>> = None;
+        let mut ahead = Ahead::default();
         loop {
-            let report = match ahead.take() {
-                Some(batch) => {
-                    let (report, next) = self
-                        .publish_and_claim(batch, None, Some(started), NO_SHUTDOWN)
-                        .await;
-                    ahead = next;
-                    report
-                }
-                None => {
-                    self.run_batch_or_claim_ahead(Some(started), NO_SHUTDOWN, &mut ahead)
-                        .await
-                }
-            };
-            let report = match report {
+            let report = match self
+                .next_batch(&mut ahead, Some(started), NO_SHUTDOWN)
+                .await
+            {
                 Ok(report) => report,
                 Err(e) => {
                     self.release_ahead(ahead).await;
@@ -457,11 +419,11 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 }
             };
             total.add(report);
-            if ahead.is_none() && report.claimed == 0 {
-                return Ok(total);
-            }
             if report.deferred > 0 {
                 self.release_ahead(ahead).await;
+                return Ok(total);
+            }
+            if report.claimed == 0 && ahead.is_empty() {
                 return Ok(total);
             }
         }
@@ -545,6 +507,10 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
             self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
         });
         self.metrics.claim_seconds.observe(started.elapsed());
+        tracing::trace!(
+            claim_us = started.elapsed().as_micros() as u64,
+            "relay: claim"
+        );
         Ok(ClaimedBatch {
             started,
             claimed: claimed?,
@@ -853,6 +819,61 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
 struct ClaimedBatch<R> {
     started: Instant,
     claimed: Claimed<R>,
+}
+
+type ClaimFuture<'a, R> =
+    Pin<Box<dyn Future<Output = Result<ClaimedBatch<R>, StoreError>> + Send + 'a>>;
+
+/// Claims made ahead of the batch publishing: those under way, and those
+/// that came back, in the order they were made.
+struct Ahead<'a, R> {
+    claiming: FuturesOrdered<ClaimFuture<'a, R>>,
+    claimed: VecDeque<Result<ClaimedBatch<R>, StoreError>>,
+}
+
+impl<R> Default for Ahead<'_, R> {
+    fn default() -> Self {
+        Self {
+            claiming: FuturesOrdered::new(),
+            claimed: VecDeque::new(),
+        }
+    }
+}
+
+impl<'a, R> Ahead<'a, R> {
+    fn len(&self) -> usize {
+        self.claiming.len() + self.claimed.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, claim: ClaimFuture<'a, R>) {
+        self.claiming.push_back(claim);
+    }
+
+    /// The oldest claim made ahead, once it came back.
+    async fn next(&mut self) -> Option<Result<ClaimedBatch<R>, StoreError>> {
+        match self.claimed.pop_front() {
+            Some(batch) => Some(batch),
+            None => self.claiming.next().await,
+        }
+    }
+
+    /// Runs `work` to its end while the claims under way go on.
+    async fn while_running<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let mut work = pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                Some(batch) = self.claiming.next(), if !self.claiming.is_empty() => {
+                    self.claimed.push_back(batch);
+                }
+            }
+        }
+    }
 }
 
 /// What became of one event handed to a publish call.

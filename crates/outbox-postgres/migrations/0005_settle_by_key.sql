@@ -42,6 +42,9 @@ END $$;
 -- settlements name the events. It ends when every event was settled
 -- (or when its time is up).
 ALTER TABLE {schema}.outbox_leases DROP COLUMN positions, ADD COLUMN remaining INTEGER;
+-- Hashes do not compress: storing them as they are saves every claim a
+-- vain attempt.
+ALTER TABLE {schema}.outbox_leases ALTER COLUMN aggregate_keys SET STORAGE EXTERNAL;
 
 -- Dead letters leave the queue: claims never walk past them.
 CREATE TABLE {schema}.outbox_dead (
@@ -82,17 +85,22 @@ ALTER TABLE {schema}.outbox_queue DROP COLUMN dead;
 CREATE INDEX outbox_queue_held ON {schema}.outbox_queue (aggregate_key, aggregate_version)
     WHERE next_attempt_at IS NOT NULL;
 
--- Publications, one row per settlement: what retention purges by.
+-- Publications, one row per settlement: what retention purges by. A
+-- batch is usually an unbroken run of positions, kept as its first and
+-- last alone; any other set of positions is kept whole.
 CREATE TABLE {schema}.outbox_published (
-    published_at TIMESTAMPTZ NOT NULL,
-    positions    BIGINT[]    NOT NULL
+    published_at   TIMESTAMPTZ NOT NULL,
+    first_position BIGINT      NOT NULL,
+    last_position  BIGINT      NOT NULL,
+    -- NULL: every position from first to last.
+    positions      BIGINT[]
 );
 CREATE INDEX outbox_published_at ON {schema}.outbox_published (published_at);
 -- Published events of earlier versions, by the hour (the latest time of
 -- each hour, so that nothing is purged earlier than asked).
 INSERT INTO {schema}.outbox_published
 SELECT max(CASE WHEN isfinite(published_at) THEN published_at ELSE now() END),
-       array_agg(position ORDER BY position)
+       min(position), max(position), array_agg(position ORDER BY position)
 FROM {schema}.outbox
 WHERE status = 'published'
 GROUP BY date_trunc('hour', CASE WHEN isfinite(published_at) THEN published_at ELSE now() END),
@@ -234,6 +242,7 @@ END $$;
 -- last column says why, and the relay dead-letters that event alone.
 -- Overlong text is cut to its first 256 bytes, for the dead letter. A
 -- plain SQL function: it is inlined into the statement that calls it.
+-- p_positions must be in ascending order; the rows come in no order.
 CREATE FUNCTION {schema}.outbox_read(
     p_positions BIGINT[], p_attempts INTEGER[], p_errors TEXT[], p_max_payload INTEGER)
 RETURNS TABLE (
@@ -243,39 +252,44 @@ RETURNS TABLE (
     r_last_error TEXT, r_unreadable TEXT)
 LANGUAGE sql STABLE
 AS $$
+    -- (Each check written where it is used: evaluated once per row.)
     SELECT o.position,
-           CASE WHEN c.fits THEN o.id ELSE left(o.id, 256) END,
-           CASE WHEN c.fits THEN o.aggregate_type ELSE left(o.aggregate_type, 256) END,
-           CASE WHEN c.fits THEN o.aggregate_id ELSE left(o.aggregate_id, 256) END,
+           CASE WHEN octet_length(o.id) <= 64 THEN o.id ELSE left(o.id, 64) END,
+           CASE WHEN octet_length(o.aggregate_type) <= 512 THEN o.aggregate_type ELSE left(o.aggregate_type, 256) END,
+           CASE WHEN octet_length(o.aggregate_id) <= 512 THEN o.aggregate_id ELSE left(o.aggregate_id, 256) END,
            o.aggregate_version,
-           CASE WHEN c.fits THEN o.event_type ELSE left(o.event_type, 256) END,
-           CASE WHEN c.fits THEN o.payload ELSE left(o.payload, 256) END,
-           CASE WHEN c.in_range THEN o.occurred_at END,
-           CASE WHEN c.fits THEN o.traceparent ELSE left(o.traceparent, 256) END,
-           CASE WHEN c.fits THEN o.correlation_id ELSE left(o.correlation_id, 256) END,
-           CASE WHEN c.fits THEN o.causation_id ELSE left(o.causation_id, 256) END,
-           p.attempts, p.error,
-           CASE WHEN NOT (c.fits AND c.in_range) THEN concat_ws('; ',
+           CASE WHEN octet_length(o.event_type) <= 512 THEN o.event_type ELSE left(o.event_type, 256) END,
+           CASE WHEN octet_length(o.payload) <= p_max_payload THEN o.payload ELSE left(o.payload, 256) END,
+           CASE WHEN o.occurred_at >= '0001-01-01 00:00:00+00' AND o.occurred_at < '10000-01-01 00:00:00+00'
+                THEN o.occurred_at END,
+           CASE WHEN octet_length(o.traceparent) <= 4096 THEN o.traceparent ELSE left(o.traceparent, 256) END,
+           CASE WHEN octet_length(o.correlation_id) <= 4096 THEN o.correlation_id ELSE left(o.correlation_id, 256) END,
+           CASE WHEN octet_length(o.causation_id) <= 4096 THEN o.causation_id ELSE left(o.causation_id, 256) END,
+           o.attempts, o.error,
+           nullif(concat_ws('; ',
                CASE WHEN octet_length(o.id) > 64 THEN format('id is %s bytes', octet_length(o.id)) END,
                CASE WHEN octet_length(o.aggregate_type) > 512 THEN format('aggregate_type is %s bytes, at most 512 allowed', octet_length(o.aggregate_type)) END,
                CASE WHEN octet_length(o.aggregate_id) > 512 THEN format('aggregate_id is %s bytes, at most 512 allowed', octet_length(o.aggregate_id)) END,
                CASE WHEN octet_length(o.event_type) > 512 THEN format('event_type is %s bytes, at most 512 allowed', octet_length(o.event_type)) END,
                CASE WHEN octet_length(o.payload) > p_max_payload THEN format('payload is %s bytes, over the limit of %s', octet_length(o.payload), p_max_payload) END,
-               CASE WHEN NOT c.in_range THEN format('occurred_at %s is outside the years 1 to 9999', o.occurred_at) END,
+               CASE WHEN NOT (o.occurred_at >= '0001-01-01 00:00:00+00' AND o.occurred_at < '10000-01-01 00:00:00+00')
+                    THEN format('occurred_at %s is outside the years 1 to 9999', o.occurred_at) END,
                CASE WHEN octet_length(o.traceparent) > 4096 OR octet_length(o.correlation_id) > 4096
-                         OR octet_length(o.causation_id) > 4096 THEN 'metadata longer than 4096 bytes' END) END
-    FROM unnest(p_positions, p_attempts, p_errors) WITH ORDINALITY AS p(position, attempts, error, n)
-    JOIN {schema}.outbox AS o ON o.position = p.position
-    CROSS JOIN LATERAL (SELECT
-        octet_length(o.id) <= 64 AND octet_length(o.aggregate_type) <= 512
-            AND octet_length(o.aggregate_id) <= 512 AND octet_length(o.event_type) <= 512
-            AND octet_length(o.payload) <= p_max_payload
-            AND coalesce(octet_length(o.traceparent), 0) <= 4096
-            AND coalesce(octet_length(o.correlation_id), 0) <= 4096
-            AND coalesce(octet_length(o.causation_id), 0) <= 4096 AS fits,
-        o.occurred_at >= '0001-01-01 00:00:00+00' AND o.occurred_at < '10000-01-01 00:00:00+00' AS in_range
-    ) AS c
-    ORDER BY p.n
+                         OR octet_length(o.causation_id) > 4096 THEN 'metadata longer than 4096 bytes' END), '')
+    FROM (
+        -- Positions in one unbroken run (the usual claim): one range scan.
+        SELECT r.*, p_attempts[r.position - p_positions[1] + 1] AS attempts,
+               p_errors[r.position - p_positions[1] + 1] AS error
+        FROM {schema}.outbox AS r
+        WHERE p_positions[cardinality(p_positions)] - p_positions[1] + 1 = cardinality(p_positions)
+          AND r.position BETWEEN p_positions[1] AND p_positions[cardinality(p_positions)]
+        UNION ALL
+        -- Otherwise one lookup by key per position.
+        SELECT r.*, p.attempts, p.error
+        FROM unnest(p_positions, p_attempts, p_errors) AS p(position, attempts, error)
+        JOIN {schema}.outbox AS r ON r.position = p.position
+        WHERE p_positions[cardinality(p_positions)] - p_positions[1] + 1 <> cardinality(p_positions)
+    ) AS o
 $$;
 
 -- Leases up to p_limit due events that nothing holds back: no earlier event
@@ -330,7 +344,8 @@ BEGIN
         ORDER BY q.position
         LIMIT p_limit
     )
-    SELECT array_agg(p.position), array_agg(p.aggregate_key), array_agg(p.attempts)
+    SELECT array_agg(p.position ORDER BY p.position), array_agg(p.aggregate_key ORDER BY p.position),
+           array_agg(p.attempts ORDER BY p.position)
     INTO picked_positions, picked_keys, picked_attempts
     FROM picked AS p;
     IF picked_positions IS NULL THEN
@@ -364,6 +379,7 @@ SET jit = off SET enable_seqscan = off SET enable_hashjoin = off SET enable_merg
 AS $$
 DECLARE
     applied BIGINT := 0;
+    sent BIGINT[];
     settling INTEGER := cardinality(p_published) + coalesce(cardinality(p_positions), 0);
     n BIGINT;
     i INTEGER;
@@ -381,14 +397,30 @@ BEGIN
         END IF;
     END IF;
     IF cardinality(p_published) > 0 THEN
-        WITH gone AS (
-            DELETE FROM {schema}.outbox_queue AS q WHERE q.position = ANY(p_published)
-            RETURNING q.position
-        )
-        INSERT INTO {schema}.outbox_published
-        SELECT now(), array_agg(g.position) FROM gone AS g HAVING count(*) > 0
-        RETURNING cardinality(positions) INTO applied;
-        applied := coalesce(applied, 0);
+        -- p_published is in ascending order: an unbroken run of positions
+        -- (the usual batch) is deleted by one range scan, any other set by
+        -- one lookup per position. Both touch the lease's events alone.
+        IF p_published[cardinality(p_published)] - p_published[1] + 1 = cardinality(p_published) THEN
+            WITH gone AS (
+                DELETE FROM {schema}.outbox_queue AS q
+                WHERE q.position BETWEEN p_published[1] AND p_published[cardinality(p_published)]
+                RETURNING q.position
+            )
+            SELECT array_agg(g.position) INTO sent FROM gone AS g;
+        ELSE
+            WITH gone AS (
+                DELETE FROM {schema}.outbox_queue AS q WHERE q.position = ANY(p_published)
+                RETURNING q.position
+            )
+            SELECT array_agg(g.position) INTO sent FROM gone AS g;
+        END IF;
+        IF sent IS NOT NULL THEN
+            applied := cardinality(sent);
+            INSERT INTO {schema}.outbox_published
+            VALUES (now(), p_published[1], p_published[cardinality(p_published)],
+                    CASE WHEN applied = p_published[cardinality(p_published)] - p_published[1] + 1
+                         THEN NULL ELSE sent END);
+        END IF;
     END IF;
     -- The rest one by one (few, but for a failing target): each a lookup
     -- by key. A released event needs no write: it is due as it was.
@@ -438,20 +470,26 @@ LANGUAGE plpgsql
 SET jit = off SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
-    positions BIGINT[];
+    log RECORD;
+    n BIGINT;
 BEGIN
-    WITH logs AS (
+    publications := 0;
+    events := 0;
+    FOR log IN
         DELETE FROM {schema}.outbox_published AS p
         WHERE p.ctid = ANY(ARRAY(
             SELECT l.ctid FROM {schema}.outbox_published AS l
             WHERE l.published_at < p_before ORDER BY l.published_at LIMIT p_logs))
-        RETURNING p.positions
-    )
-    SELECT count(DISTINCT logs.positions), array_agg(u.p) INTO publications, positions
-    FROM logs, unnest(logs.positions) AS u(p);
-    events := 0;
-    IF positions IS NOT NULL THEN
-        DELETE FROM {schema}.outbox AS o WHERE o.position = ANY(positions);
-        GET DIAGNOSTICS events = ROW_COUNT;
-    END IF;
+        RETURNING p.first_position, p.last_position, p.positions
+    LOOP
+        IF log.positions IS NULL THEN
+            DELETE FROM {schema}.outbox AS o
+            WHERE o.position BETWEEN log.first_position AND log.last_position;
+        ELSE
+            DELETE FROM {schema}.outbox AS o WHERE o.position = ANY(log.positions);
+        END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        events := events + n;
+        publications := publications + 1;
+    END LOOP;
 END $$;

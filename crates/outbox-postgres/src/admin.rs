@@ -3,6 +3,8 @@
 use chrono::{DateTime, Utc};
 use outbox_core::{DeadLetter, DeadLetters, OutboxStats, Purge, ReplaySelector, Stats, StoreError};
 
+use sqlx::Row;
+
 use crate::error::map;
 use crate::rows;
 use crate::PostgresOutbox;
@@ -62,6 +64,9 @@ impl DeadLetters for PostgresOutbox {
         .fetch_all(&self.pool)
         .await
         .map_err(map)?;
+        // In position order (the function returns them in none).
+        let mut found = found;
+        found.sort_by_cached_key(|row| row.try_get::<i64, _>(0).unwrap_or(i64::MAX));
         let mut letters = Vec::with_capacity(found.len());
         for row in &found {
             letters.push(match rows::decode(row)? {

@@ -54,8 +54,9 @@ impl ClaimSource for PostgresOutbox {
         let lease = LeaseId::new();
         let now = Utc::now();
         let cutoff = request.due_cutoff(now);
-        // One statement, one round trip: see `outbox_claim_v3` in the migrations.
+        // One statement, one round trip: see `outbox_claim_v5` in the migrations.
         let mut conn = self.relay_connections.take(&self.pool).await?;
+        let sent_at = std::time::Instant::now();
         let found = sqlx::query(
             self.schema
                 .sql("SELECT * FROM {schema}.outbox_claim_v5($1, $2::uuid, $3, $4, $5, $6, $7)"),
@@ -80,6 +81,7 @@ impl ClaimSource for PostgresOutbox {
             return Ok(Claimed::empty(lease).with_next_due(next_due));
         }
         let found = self.done(conn, found)?;
+        let received_at = std::time::Instant::now();
         self.found_events();
         let mut events = Vec::with_capacity(found.len());
         let mut malformed = Vec::new();
@@ -94,8 +96,14 @@ impl ClaimSource for PostgresOutbox {
                 Err(bad) => malformed.push(Malformed::new(bad.position, bad.reason)),
             }
         }
-        // The claim returns events in position order: each aggregate's in
-        // version order, as the relay needs them.
+        // The relay needs each aggregate in version order, which is position
+        // order; the claim returns the rows in no order.
+        events.sort_unstable_by_key(|c| c.receipt);
+        tracing::trace!(
+            query_us = (t1 - t0).as_micros() as u64,
+            decode_us = t1.elapsed().as_micros() as u64,
+            "pg claim"
+        );
         Ok(Claimed::new(lease, events).with_malformed(malformed))
     }
 
