@@ -100,8 +100,8 @@ impl ClaimSource for PostgresOutbox {
         // order; the claim returns the rows in no order.
         events.sort_unstable_by_key(|c| c.receipt);
         tracing::trace!(
-            query_us = (t1 - t0).as_micros() as u64,
-            decode_us = t1.elapsed().as_micros() as u64,
+            query_us = (received_at - sent_at).as_micros() as u64,
+            decode_us = received_at.elapsed().as_micros() as u64,
             "pg claim"
         );
         Ok(Claimed::new(lease, events).with_malformed(malformed))
