@@ -102,7 +102,7 @@ impl ClaimSource for PostgresOutbox {
         tracing::trace!(
             query_us = (received_at - sent_at).as_micros() as u64,
             decode_us = received_at.elapsed().as_micros() as u64,
-            "pg claim"
+            "outbox-postgres: claim"
         );
         Ok(Claimed::new(lease, events).with_malformed(malformed))
     }
