@@ -12,7 +12,11 @@
 -- - The hot functions run with sequential scans, hash and merge joins and
 --   sorts turned off (`SET` on the function): an estimate taken when a
 --   table was empty (a routine ANALYZE, autovacuum) can no longer turn a
---   lookup by key into a walk over a whole table. Each statement was
+--   lookup by key into a walk over a whole table. The claim and the
+--   settlement also keep one generic plan per statement
+--   (`plan_cache_mode`): the planner otherwise judged the read's generic
+--   plan (both of its branches) dearer than a custom one, and planned it
+--   anew on every claim, 0.8 ms of a 1.9 ms claim of one event. Each statement was
 --   written so that its only plan without them is the one by key; the
 --   test `plans.rs` checks the plans of every call.
 
@@ -336,7 +340,7 @@ RETURNS TABLE (
     r_last_error TEXT, r_unreadable TEXT)
 LANGUAGE plpgsql
 SET jit = off SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-    SET enable_sort = off
+    SET enable_sort = off SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     picked_positions BIGINT[];
@@ -404,6 +408,7 @@ CREATE FUNCTION {schema}.outbox_settle_v5(
 RETURNS BIGINT
 LANGUAGE plpgsql
 SET jit = off SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     applied BIGINT := 0;
