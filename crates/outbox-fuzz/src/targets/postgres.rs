@@ -357,9 +357,14 @@ fn refused_by_schema(e: &sqlx::Error) -> Verdict {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // 22: data exceptions (bad input syntax, out of range, NUL in
-            // text); 23: integrity (NOT NULL, UNIQUE, CHECK); OB409: the
-            // version rule.
-            if code.starts_with("22") || code.starts_with("23") || code == "OB409" {
+            // text); 23: integrity (NOT NULL, UNIQUE, CHECK); 54000: a
+            // value too large for an index (an id of kilobytes written
+            // around the checks); OB409: the version rule.
+            if code.starts_with("22")
+                || code.starts_with("23")
+                || code == "54000"
+                || code == "OB409"
+            {
                 Verdict::Refused
             } else {
                 Verdict::Broken(format!(
