@@ -9,13 +9,14 @@ use outbox_core::{DeadLetters, EventId, Purge, ReplaySelector, Stats};
 use outbox_registry::Migrated;
 
 use crate::target::{open_existing, StoreUrl};
+use crate::url_arg::UrlParser;
 use crate::{print_json, CliError};
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {
     /// Dead-lettered events, oldest first, with their last error.
     List {
-        #[arg(long)]
+        #[arg(long, env = "OUTBOX_STORE", hide_env_values = true, value_parser = UrlParser::<StoreUrl>::new())]
         store: StoreUrl,
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -25,7 +26,7 @@ pub enum DeadLetterCommand {
     },
     /// Make dead letters pending again so the relay publishes them.
     Replay {
-        #[arg(long)]
+        #[arg(long, env = "OUTBOX_STORE", hide_env_values = true, value_parser = UrlParser::<StoreUrl>::new())]
         store: StoreUrl,
         /// Event ids to replay (repeatable).
         #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
@@ -37,7 +38,7 @@ pub enum DeadLetterCommand {
     /// Give up on dead letters for good, so an aggregate parked behind one
     /// flows again (stores opened with `?dead_letters=park`).
     Skip {
-        #[arg(long)]
+        #[arg(long, env = "OUTBOX_STORE", hide_env_values = true, value_parser = UrlParser::<StoreUrl>::new())]
         store: StoreUrl,
         /// Event ids to skip (repeatable).
         #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
@@ -138,7 +139,8 @@ fn round(d: Duration) -> Duration {
 pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
     match cmd {
         DeadLetterCommand::List { store, limit, json } => {
-            let letters = open_existing(&store).await?.dead_letters(limit).await?;
+            let opened = open_existing(&store).await?;
+            let letters = opened.dead_letters(limit).await?;
             for d in &letters {
                 if json {
                     print_json(d);
@@ -162,7 +164,18 @@ pub async fn dead_letters(cmd: DeadLetterCommand) -> Result<(), CliError> {
                     }
                 }
             }
-            if !json {
+            // Say when the list is cut short, and how to see the rest.
+            let total = if letters.len() < limit {
+                letters.len() as u64
+            } else {
+                opened.stats().await?.dead
+            };
+            if total > letters.len() as u64 {
+                eprintln!(
+                    "{} of {total} dead letter(s) shown; pass --limit {total} to see them all",
+                    letters.len()
+                );
+            } else if !json {
                 eprintln!("{} dead letter(s)", letters.len());
             }
             Ok(())

@@ -19,15 +19,16 @@ use tokio::task::JoinSet;
 use crate::latency::percentile_ms;
 use crate::progress::Progress;
 use crate::target::{self, Store, StoreUrl, TargetUrl};
+use crate::url_arg::UrlParser;
 use crate::{print_json, CliError};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// The store to measure; by default a temporary SQLite file.
-    #[arg(long)]
+    #[arg(long, value_parser = UrlParser::<StoreUrl>::new())]
     store: Option<StoreUrl>,
     /// The broker to publish to.
-    #[arg(long, default_value = "null://")]
+    #[arg(long, default_value = "null://", value_parser = UrlParser::<TargetUrl>::new())]
     to: TargetUrl,
     /// Size of the backlog to drain.
     #[arg(long, default_value_t = 100_000)]

@@ -7,7 +7,9 @@ mod endpoint;
 mod latency;
 mod progress;
 mod relay;
+mod secrets;
 mod target;
+mod url_arg;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,6 +17,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use target::StoreUrl;
+use url_arg::UrlParser;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,7 +52,7 @@ enum Command {
     Relay(relay::RelayArgs),
     /// Pending, published and dead counts, and the age of the oldest pending event.
     Status {
-        #[arg(long)]
+        #[arg(long, env = "OUTBOX_STORE", hide_env_values = true, value_parser = UrlParser::<StoreUrl>::new())]
         store: StoreUrl,
         #[arg(long)]
         json: bool,
@@ -67,15 +70,15 @@ enum Command {
     /// Create or upgrade a store's tables (PostgreSQL); the relay and the
     /// other commands never create them.
     Migrate {
-        #[arg(long)]
+        #[arg(long, env = "OUTBOX_STORE", hide_env_values = true, value_parser = UrlParser::<StoreUrl>::new())]
         store: StoreUrl,
     },
     /// Delete published events older than a given age.
     Purge {
-        #[arg(long)]
+        #[arg(long, env = "OUTBOX_STORE", hide_env_values = true, value_parser = UrlParser::<StoreUrl>::new())]
         store: StoreUrl,
-        /// Such as 7d, 12h, 30m.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Such as 7d, 12h, 30m (a unit is required).
+        #[arg(long, value_parser = parse_age)]
         older_than: Duration,
     },
     /// Measure backlog drain throughput and commit-to-publish latency.
@@ -122,6 +125,8 @@ impl From<sqlx::Error> for CliError {
 }
 
 fn main() -> ExitCode {
+    let secrets = secrets::given();
+    secrets::mask_panics(secrets.clone());
     let cli = Cli::parse();
     target::set_region(cli.region.clone());
     // A relay is a service: say what it does. Other commands print their own results.
@@ -133,7 +138,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(secrets::MaskedStderr(secrets.clone()));
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs
@@ -171,10 +176,26 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", secrets.mask(&e.to_string()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An age such as `7d` or `30m`: a number alone is refused (is `7` days or
+/// seconds?), and so is an age longer than the calendar a store keeps.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    const MAX_YEARS: u64 = 9_000;
+    if !text.is_empty() && text.trim().bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{text}` has no unit: write it as 7d, 12h or 30m"));
+    }
+    let age = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if age > Duration::from_secs(MAX_YEARS * 365 * 24 * 3600) {
+        return Err(format!(
+            "`{text}` is longer than {MAX_YEARS} years, before any time a store holds"
+        ));
+    }
+    Ok(age)
 }
 
 /// Completes on the first SIGINT or SIGTERM.
@@ -204,5 +225,26 @@ pub fn print_json(value: &impl serde::Serialize) {
     match serde_json::to_string(value) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("error: cannot render JSON: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_age_needs_a_unit_and_a_calendar() {
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
+        for (text, says) in [
+            ("0", "has no unit"),
+            ("7", "has no unit"),
+            ("1000000y", "longer than 9000 years"),
+            ("", ""),
+            ("7 fortnights", ""),
+        ] {
+            let err = parse_age(text).expect_err(text);
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

@@ -9,18 +9,19 @@ use outbox_core::{time, ClaimSource, Publisher, Relay, RelayConfig, Stats};
 
 use crate::endpoint::{self, Shared};
 use crate::target::{open_existing, open_target, StoreUrl, TargetUrl};
+use crate::url_arg::UrlParser;
 use crate::{shutdown_signal, CliError};
 
 #[derive(Debug, Args)]
 pub struct RelayArgs {
     /// The outbox to drain. From the environment, a password in it stays
     /// out of the process list.
-    #[arg(long, env = "OUTBOX_STORE", hide_env_values = true)]
+    #[arg(long, env = "OUTBOX_STORE", hide_env_values = true, value_parser = UrlParser::<StoreUrl>::new())]
     store: StoreUrl,
     /// Where to publish: eventbridge://BUS, sqs://QUEUE, sns://TOPIC_ARN,
     /// nats://HOST:PORT[?stream=NAME&subject=TEMPLATE],
     /// amqp://USER:PASS@HOST:PORT[/VHOST][?exchange=NAME], stdout://, null://.
-    #[arg(long, env = "OUTBOX_TO", hide_env_values = true)]
+    #[arg(long, env = "OUTBOX_TO", hide_env_values = true, value_parser = UrlParser::<TargetUrl>::new())]
     to: TargetUrl,
     /// CloudEvents `source` of the published events.
     #[arg(long, default_value = outbox_core::publish::DEFAULT_SOURCE)]

@@ -104,6 +104,12 @@ fn chaos_demo_loses_nothing_and_the_database_agrees() {
     let dead_check = outbox(&["status", "--store", &store, "--fail-on-dead"]);
     assert_eq!(dead_check.status.success(), n("dead_lettered") == 0);
     assert_eq!(status["dead"].as_u64(), Some(n("dead_lettered")));
+    // Nothing pending: the latest error is the latest dead letter's.
+    assert_eq!(
+        status["last_error"].is_string(),
+        n("dead_lettered") > 0,
+        "{status}"
+    );
     let listed = outbox(&["dead-letters", "list", "--store", &store, "--json"]);
     assert!(listed.status.success());
     let letters: Vec<Value> = String::from_utf8_lossy(&listed.stdout)
@@ -414,4 +420,26 @@ fn a_malformed_row_is_dead_lettered_alone_and_listed() {
     );
     let text = outbox(&["dead-letters", "list", "--store", &store]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("MALFORMED"));
+}
+
+#[test]
+fn purge_refuses_an_age_without_a_unit_or_past_the_calendar() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_one_event(dir.path());
+    for (age, says) in [
+        ("0", "has no unit"),
+        ("7", "has no unit"),
+        ("1000000y", "longer than 9000 years"),
+    ] {
+        let out = outbox(&["purge", "--store", &store, "--older-than", age]);
+        assert_no_panic(&out);
+        assert!(!out.status.success(), "{age}: purged");
+        let said = stderr(&out);
+        assert!(
+            said.contains("--older-than") && said.contains(says),
+            "{age}: {said}"
+        );
+    }
+    let status = last_json_line(&outbox(&["status", "--store", &store, "--json"]));
+    assert_eq!(status["pending"].as_u64(), Some(1), "{status}");
 }

@@ -338,6 +338,13 @@ fn dead_letters_are_listed_replayed_and_skipped_on_postgres() {
 
     let out = outbox_ok(&["dead-letters", "list", "--store", &store]);
     assert!(stdout(&out).contains(&id), "{}", stdout(&out));
+    // A list cut short says so, and how to see the rest.
+    let out = outbox_ok(&["dead-letters", "list", "--store", &store, "--limit", "0"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("0 of 1 dead letter(s) shown; pass --limit 1 to see them all"),
+        "{said}"
+    );
 
     let out = outbox_ok(&["dead-letters", "replay", "--store", &store, "--id", &id]);
     assert!(stdout(&out).contains("replayed 1"), "{}", stdout(&out));

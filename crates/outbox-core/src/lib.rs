@@ -9,6 +9,7 @@ pub mod publish;
 pub mod publishers;
 pub mod relay;
 pub mod retry;
+pub mod secret;
 pub mod source;
 pub mod time;
 

@@ -11,7 +11,8 @@ pub enum NatsError {
     #[error("{0}")]
     Config(String),
 
-    /// The server could not be reached; retrying may help.
+    /// The server could not be reached; retrying may help. (`url` with
+    /// its password hidden.)
     #[error("cannot connect to NATS at `{url}`: {source}")]
     Connect {
         url: String,

@@ -89,7 +89,7 @@ impl NatsPublisher {
             .connect(url)
             .await
             .map_err(|e| NatsError::Connect {
-                url: url.to_owned(),
+                url: outbox_core::secret::redact_url(url),
                 source: Box::new(e),
             })?;
         Ok(Self::new(client, stream))

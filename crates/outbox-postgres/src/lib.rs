@@ -15,9 +15,10 @@ mod wake;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outbox_core::secret::redact_url;
 use outbox_core::{DeadLetterPolicy, Event, StoreError};
-use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio::sync::Mutex;
 
 pub use inbox::PostgresInbox;
@@ -43,6 +44,44 @@ const MAX_SCHEMA_BYTES: usize = 48;
 
 /// Connections of a pool made by [`PostgresOutbox::connect`].
 const DEFAULT_POOL_SIZE: u32 = 8;
+
+/// How long [`PostgresOutbox::connect`] waits for its first connection.
+pub const FIRST_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `host:port` of a connection's options, for messages.
+fn server(options: &PgConnectOptions) -> String {
+    format!("{}:{}", options.get_host(), options.get_port())
+}
+
+/// What a failed first connection means, in words that say what to do.
+fn first_connection_error(options: &PgConnectOptions, e: sqlx::Error) -> StoreError {
+    let at = server(options);
+    match &e {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            StoreError::Unavailable(
+                format!("connection refused by {at}: is PostgreSQL running and listening there?")
+                    .into(),
+            )
+        }
+        sqlx::Error::Io(io) => {
+            StoreError::Unavailable(format!("cannot reach PostgreSQL at {at}: {io}").into())
+        }
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // invalid password, or no such role / not allowed by pg_hba.conf
+            Some("28P01" | "28000") => StoreError::Config(format!(
+                "PostgreSQL at {at} refused the credentials of user `{}`: {}",
+                options.get_username(),
+                db.message()
+            )),
+            Some("3D000") => StoreError::Config(format!(
+                "PostgreSQL at {at} has no database `{}`",
+                options.get_database().unwrap_or_default()
+            )),
+            _ => map(e),
+        },
+        _ => map(e),
+    }
+}
 
 /// A validated schema name, and the statements that depend on it.
 #[derive(Debug)]
@@ -126,16 +165,43 @@ pub struct PostgresOutbox {
 impl PostgresOutbox {
     /// Connects to `url` (`postgres://user@host:port/database`) with a pool
     /// of its own. Nothing is created: call [`PostgresOutbox::migrate`].
+    ///
+    /// One connection is made first, within [`FIRST_CONNECTION_TIMEOUT`],
+    /// so that a server that is not there, credentials it refuses or a
+    /// database it does not have are named at once (a pool retries until
+    /// its own timeout and then reports only that it timed out).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let unusable =
+            |e: sqlx::Error| StoreError::Config(format!("cannot use `{}`: {e}", redact_url(url)));
+        let options: PgConnectOptions = url.parse().map_err(unusable)?;
+        match tokio::time::timeout(
+            FIRST_CONNECTION_TIMEOUT,
+            PgConnection::connect_with(&options),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(StoreError::Unavailable(
+                    format!(
+                        "no answer from PostgreSQL at {} within {FIRST_CONNECTION_TIMEOUT:?}: \
+                         is the host reachable, and the port open?",
+                        server(&options)
+                    )
+                    .into(),
+                ))
+            }
+            Ok(Err(e)) => return Err(first_connection_error(&options, e)),
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(DEFAULT_POOL_SIZE)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(|e| match e {
-                sqlx::Error::Configuration(_) => {
-                    StoreError::Config(format!("cannot use `{url}`: {e}"))
-                }
+                sqlx::Error::Configuration(_) => unusable(e),
                 e => map(e),
             })?;
         Ok(Self::from_pool(pool))

@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use outbox_core::secret::redact_url;
 use outbox_core::DeadLetterPolicy;
 use outbox_nats::{SubjectTemplate, DEFAULT_SUBJECT_TEMPLATE};
 
@@ -111,22 +112,6 @@ fn parse_server<'a>(url: &str, rest: &'a str, example: &str) -> Result<&'a str, 
         }
     }
     Ok(path)
-}
-
-/// `url` with the password of its user part, if any, shown as `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _password)) => format!("{scheme}://{name}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 /// A query value with its `%XX` escapes decoded.
@@ -289,7 +274,7 @@ fn parse_policy(url: &str, value: &str) -> Result<DeadLetterPolicy, RegistryErro
 
 fn invalid(url: &str, reason: impl Into<String>) -> RegistryError {
     RegistryError::InvalidUrl {
-        url: url.to_owned(),
+        url: redact_url(url),
         reason: reason.into(),
     }
 }
@@ -385,7 +370,7 @@ impl fmt::Display for StoreUrl {
             } => {
                 // The driver's options already follow a `?`.
                 let (base, driver) = url.split_once('?').unwrap_or((url, ""));
-                f.write_str(&redact(base))?;
+                f.write_str(&redact_url(base))?;
                 if schema != DEFAULT_POSTGRES_SCHEMA {
                     options.push(format!("schema={schema}"));
                 }
@@ -612,7 +597,7 @@ impl fmt::Display for TargetUrl {
                 stream,
                 subject,
             } => {
-                f.write_str(&redact(server))?;
+                f.write_str(&redact_url(server))?;
                 let mut options = Vec::new();
                 if stream != DEFAULT_NATS_STREAM {
                     options.push(format!("stream={stream}"));
@@ -626,7 +611,7 @@ impl fmt::Display for TargetUrl {
                 Ok(())
             }
             TargetUrl::Amqp { uri, exchange } => {
-                f.write_str(&redact(uri))?;
+                f.write_str(&redact_url(uri))?;
                 if exchange != DEFAULT_AMQP_EXCHANGE {
                     write!(f, "?exchange={exchange}")?;
                 }

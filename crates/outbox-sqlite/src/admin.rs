@@ -18,9 +18,15 @@ impl Stats for SqliteOutbox {
                     (SELECT count(*) FROM outbox WHERE status = 'published'),
                     (SELECT count(*) FROM outbox WHERE status = 'dead' AND skipped_at IS NULL),
                     (SELECT created_at FROM outbox WHERE status = 'pending' ORDER BY position LIMIT 1),
-                    (SELECT CAST(last_error AS TEXT) FROM outbox
-                     WHERE status = 'pending' AND last_error IS NOT NULL
-                     ORDER BY next_attempt_at DESC LIMIT 1)",
+                    -- The latest error of a pending event, else of the
+                    -- latest dead letter: never \"none\" beside dead letters.
+                    coalesce(
+                        (SELECT CAST(last_error AS TEXT) FROM outbox
+                         WHERE status = 'pending' AND last_error IS NOT NULL
+                         ORDER BY next_attempt_at DESC LIMIT 1),
+                        (SELECT CAST(last_error AS TEXT) FROM outbox
+                         WHERE status = 'dead' AND skipped_at IS NULL AND last_error IS NOT NULL
+                         ORDER BY position DESC LIMIT 1))",
         )
         .fetch_one(&self.pool)
         .await

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use crate::latency::percentile_ms;
 use crate::progress::Progress;
 use crate::target::{self, DynamoShape, Store, StoreUrl, TargetUrl};
+use crate::url_arg::UrlParser;
 use crate::{print_json, CliError};
 use broker::{Deliveries, MemoryDeliveries};
 use shop::{NewOrder, Shipped, Shop};
@@ -44,13 +45,13 @@ pub struct DemoArgs {
     /// temporary file), dynamodb://TABLE (DynamoDB with its stream), or
     /// postgres://USER@HOST:PORT/DB (a schema of its own per run, dropped
     /// afterwards, unless ?schema=NAME names one to use and keep).
-    #[arg(long)]
+    #[arg(long, value_parser = UrlParser::<StoreUrl>::new())]
     store: Option<StoreUrl>,
     /// The broker: memory:// (in-process) with SQLite; eventbridge://BUS with
     /// DynamoDB, delivering through a rule into an SQS queue; with PostgreSQL,
     /// nats://HOST:PORT (a JetStream stream) or amqp://USER:PASS@HOST:PORT/VHOST
     /// (an exchange and a queue bound to it).
-    #[arg(long)]
+    #[arg(long, value_parser = UrlParser::<TargetUrl>::new())]
     to: Option<TargetUrl>,
     /// Relay processes to run (PostgreSQL only; SQLite and DynamoDB run one
     /// relay inside the demo).

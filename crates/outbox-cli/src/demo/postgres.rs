@@ -134,7 +134,12 @@ struct ServerUrl<'a> {
 }
 
 fn split_server(url: &str, default_port: u16) -> Result<ServerUrl<'_>, CliError> {
-    let bad = || CliError::Usage(format!("cannot find the server's host in {url}"));
+    let bad = || {
+        CliError::Usage(format!(
+            "cannot find the server's host in {}",
+            outbox_core::secret::redact_url(url)
+        ))
+    };
     let after_scheme = url.find("://").ok_or_else(bad)? + 3;
     let rest = &url[after_scheme..];
     let end = rest.find(['/', '?']).unwrap_or(rest.len());

@@ -6,6 +6,7 @@
 //! ```text
 //! orders-server --store sqlite://orders.db --listen 127.0.0.1:8080
 //! orders-server --store postgres://postgres@127.0.0.1:5432/test?schema=orders
+//! OUTBOX_STORE=postgres://app:PASSWORD@db:5432/shop orders-server   # kept out of the process list
 //! ```
 //!
 //! Beside the API: `GET /shipments/{orderId}` shows the Shipping service's
@@ -39,7 +40,7 @@ use tokio::sync::watch;
 )]
 struct Args {
     /// sqlite://FILE or postgres://USER@HOST:PORT/DB[?schema=NAME]
-    #[arg(long)]
+    #[arg(long, env = "OUTBOX_STORE", hide_env_values = true)]
     store: String,
     /// Address to listen on (port 0: any free port; the address taken is
     /// printed on the first line of output).
