@@ -325,7 +325,7 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 }
             }
             // A full batch means more is probably due: go again at once.
-            if ahead.is_empty() && report.claimed < self.config.batch_size {
+            if !ahead.may_hold_more() && report.claimed < self.config.batch_size {
                 tokio::select! {
                     biased;
                     () = shutdown.wait() => return Ok(total),
@@ -423,7 +423,8 @@ impl<S: ClaimSource, P: Publisher> Relay<S, P> {
                 self.release_ahead(ahead).await;
                 return Ok(total);
             }
-            if report.claimed == 0 && ahead.is_empty() {
+            // An empty claim made ahead proves nothing: claim once more.
+            if report.claimed == 0 && !ahead.may_hold_more() {
                 return Ok(total);
             }
         }
@@ -829,6 +830,9 @@ type ClaimFuture<'a, R> =
 struct Ahead<'a, R> {
     claiming: FuturesOrdered<ClaimFuture<'a, R>>,
     claimed: VecDeque<Result<ClaimedBatch<R>, StoreError>>,
+    /// The last batch handed out was claimed ahead: made while earlier
+    /// batches held their aggregates, so what it lacks may be due by now.
+    last_was_ahead: bool,
 }
 
 impl<R> Default for Ahead<'_, R> {
@@ -836,6 +840,7 @@ impl<R> Default for Ahead<'_, R> {
         Self {
             claiming: FuturesOrdered::new(),
             claimed: VecDeque::new(),
+            last_was_ahead: false,
         }
     }
 }
@@ -855,10 +860,18 @@ impl<'a, R> Ahead<'a, R> {
 
     /// The oldest claim made ahead, once it came back.
     async fn next(&mut self) -> Option<Result<ClaimedBatch<R>, StoreError>> {
-        match self.claimed.pop_front() {
+        let batch = match self.claimed.pop_front() {
             Some(batch) => Some(batch),
             None => self.claiming.next().await,
-        }
+        };
+        self.last_was_ahead = batch.is_some();
+        batch
+    }
+
+    /// Whether a claim made now could find more than the last batch said:
+    /// claims are still under way, or the last batch was claimed ahead.
+    fn may_hold_more(&self) -> bool {
+        !self.is_empty() || self.last_was_ahead
     }
 
     /// Runs `work` to its end while the claims under way go on.
