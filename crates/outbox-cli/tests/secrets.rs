@@ -11,6 +11,9 @@ use std::process::{Command, Output};
 const SECRET: &str = "Sekret-7fQ2x9";
 const ENCODED: &str = "Sekret%2D7fQ2x9%40";
 
+/// A failure path: its name, the arguments and the environment.
+type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, String)>);
+
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
     command
@@ -46,7 +49,7 @@ fn passwords_never_print_on_failure_paths() {
     let dir = tempfile::tempdir().expect("temp dir");
     let sqlite = format!("sqlite://{}", dir.path().join("s.db").display());
     let pg = |rest: &str| format!("postgres://app:{SECRET}@{rest}");
-    let cases: Vec<(&str, Vec<String>, Vec<(&str, String)>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "an unknown option",
             vec![
