@@ -16,14 +16,9 @@ const URL_VARIABLES: &[&str] = &["OUTBOX_STORE", "OUTBOX_TO"];
 pub fn given() -> Arc<Secrets> {
     let mut secrets = Secrets::new();
     for arg in std::env::args_os().skip(1) {
-        let arg = arg.to_string_lossy();
-        // `--store=URL` as well as `--store URL`.
-        let value = arg.split_once('=').map_or(&*arg, |(_, v)| v);
-        for text in [&*arg, value] {
-            if text.contains('@') {
-                secrets.add_url(text);
-            }
-        }
+        // `--store=URL` as well as `--store URL`: the password sits between
+        // the first `:` after `://` and the last `@` either way.
+        secrets.add_url(&arg.to_string_lossy());
     }
     for name in URL_VARIABLES {
         if let Some(url) = std::env::var_os(name) {

@@ -3,52 +3,46 @@
 //! print what drivers say mask the passwords they were given with
 //! [`Secrets`].
 
+/// `url` split around its user part: what comes before it (the scheme and
+/// `://`, if any), the user part, and the rest from the last `@` on. The
+/// last `@`: a password with an unescaped `/`, `?` or `@` stays inside.
+fn split_userinfo(url: &str) -> Option<(&str, &str, &str)> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let at = start + url[start..].rfind('@')?;
+    Some((&url[..start], &url[start..at], &url[at..]))
+}
+
 /// `url` with the password of its user part shown as `***`: what any
 /// message may show of a URL. Malformed URLs are redacted too: everything
-/// between the user name and the last `@` before the query is hidden, so a
-/// password with an unescaped `/`, `?` or `@` stays hidden as well.
+/// between the user name and the last `@` is hidden.
 pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, url),
+    let Some((head, userinfo, tail)) = split_userinfo(url) else {
+        return url.to_owned();
     };
-    let userinfo_end = match rest.rfind('@') {
-        Some(at) => at,
-        None => return url.to_owned(),
-    };
-    let userinfo = &rest[..userinfo_end];
     let shown = match userinfo.split_once(':') {
         Some((user, _password)) => format!("{user}:***"),
         // A user name alone: no secret, unless it is a token.
         None if userinfo.len() > 64 => "***".to_owned(),
         None => userinfo.to_owned(),
     };
-    let tail = &rest[userinfo_end..];
-    match scheme {
-        Some(scheme) => format!("{scheme}://{shown}{tail}"),
-        None => format!("{shown}{tail}"),
-    }
+    format!("{head}{shown}{tail}")
 }
 
 /// The password of a URL's user part, as given and percent-decoded (what a
 /// driver may repeat), if it has one.
 pub fn url_password(url: &str) -> Vec<String> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let Some(at) = rest.rfind('@') else {
-        return Vec::new();
-    };
-    let Some((_, password)) = rest[..at].split_once(':') else {
-        return Vec::new();
-    };
-    if password.is_empty() {
-        return Vec::new();
+    let password = split_userinfo(url).and_then(|(_, userinfo, _)| userinfo.split_once(':'));
+    match password {
+        Some((_, password)) if !password.is_empty() => {
+            let decoded = percent_decode(password);
+            let mut forms = vec![password.to_owned()];
+            if decoded != password {
+                forms.push(decoded);
+            }
+            forms
+        }
+        _ => Vec::new(),
     }
-    let mut forms = vec![password.to_owned()];
-    let decoded = percent_decode(password);
-    if decoded != password {
-        forms.push(decoded);
-    }
-    forms
 }
 
 fn percent_decode(s: &str) -> String {
